@@ -1,0 +1,76 @@
+"""``backend="zen_woq"``: the pass, then Inductor for everything else, behind an identity guard.
+
+Dynamo hands module parameters to backends as graph inputs, without guards on which tensors they
+are (it shares one compiled graph between instances of a module class). We fold their values into
+the compiled code, like Inductor's ``freezing``; so we guard them ourselves: each call checks that
+the inputs we folded are the very tensors we folded. Another model (or a replaced parameter) gets
+its own rewritten variant, compiled on first use; past ``MAX_VARIANTS`` it gets the default path.
+Weights mutated in place after compiling are not seen, as with ``freezing``: they are frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch.fx as fx
+from torch._inductor.compile_fx import compile_fx
+
+from zen_woq_pass import report as report_module
+from zen_woq_pass.options import DEFAULT, Options
+from zen_woq_pass.rewrite import rewrite
+
+logger = logging.getLogger(__name__)
+
+MAX_VARIANTS = 8
+
+
+def zen_woq(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    """The dynamo backend: ``torch.compile(model, backend="zen_woq", options={"kernel": ...})``."""
+    return _GuardedGraph(gm, list(example_inputs), Options.from_user(options))
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh graph over the same root: each variant rewrites its own copy."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
+
+
+class _GuardedGraph:
+    """Compiled variants of one captured graph, keyed by the identity of the folded inputs."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: Options):
+        self.original, self.options = gm, options
+        self.variants: list[tuple[tuple[int, ...], tuple[weakref.ref, ...], object]] = []
+        self.fallback = None
+        self._add_variant(example_inputs)
+
+    def _add_variant(self, inputs):
+        gm, report, folded = rewrite(_copy(self.original), inputs, self.options)
+        report_module.record(report)
+        compiled = compile_fx(gm, inputs, config_patches=dict(self.options.inductor_config))
+        refs = tuple(weakref.ref(inputs[i]) for i in folded)
+        self.variants.append((folded, refs, compiled))
+        return compiled
+
+    def _default_path(self, inputs):
+        if self.fallback is None:
+            logger.warning("zen_woq: more than %d models share one graph; the rest run on the default path", MAX_VARIANTS)
+            options = Options(kernel=DEFAULT, inductor_config=self.options.inductor_config)
+            gm, report, _ = rewrite(_copy(self.original), inputs, options)
+            report_module.record(report)
+            self.fallback = compile_fx(gm, inputs, config_patches=dict(options.inductor_config))
+        return self.fallback
+
+    def __call__(self, *args):
+        for folded, refs, compiled in self.variants:
+            if all(ref() is args[i] for i, ref in zip(folded, refs)):
+                return compiled(*args)
+        if len(self.variants) < MAX_VARIANTS:
+            logger.info("zen_woq: new constants for a compiled graph (another model?); compiling a variant")
+            return self._add_variant(list(args))(*args)
+        return self._default_path(list(args))(*args)

@@ -1,0 +1,9 @@
+"""The kernel chain: tried in order for each eligible layer, like vLLM's mixed-precision selector.
+
+Each kernel is one module with the same small interface (:class:`~zen_woq_pass.kernels.base.Kernel`).
+"""
+
+from zen_woq_pass.kernels.zentorch import ZentorchKernel
+
+CHAIN = (ZentorchKernel(),)
+KERNELS = {kernel.name: kernel for kernel in CHAIN}

@@ -1,0 +1,47 @@
+"""zentorch's W4A16 kernel: ``torch.ops.zentorch.zentorch_woq_linear``, the seed of the chain.
+
+The compile-time twin of vLLM's ``ZentorchWNA16LinearKernel``. Argument conventions (measured,
+see FACTS.md): weights repacked once by ``zentorch_woq_repack_weight`` from int8 [N, K] (one
+value per byte) to int32 [N, K/8] and passed transposed; scales [G, N]; activations bf16 only.
+Symmetric weights go in signed ([-8, 7], no zero point). With a zero point, weights and zero
+points both go in unsigned ([0, 15]): +8 on both leaves q - zp unchanged; signed weights with a
+signed zero point give wrong results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zen_woq_pass import eligibility, platform
+from zen_woq_pass.kernels.base import Kernel
+from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+
+UNSIGNED_OFFSET = 8
+
+
+class ZentorchKernel(Kernel):
+    name = "zentorch"
+
+    def platform_reason(self, forced: bool) -> str | None:
+        return platform.zentorch_unusable_reason() or (None if forced else platform.zentorch_cpu_reason())
+
+    def layer_reason(self, layer: QuantizedLinear) -> str | None:
+        return eligibility.gptq_int4_reason(layer) or eligibility.zentorch_reason(layer)
+
+    def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
+        q, zero_point = weights.q, weights.zero_point
+        if zero_point is not None:
+            q = q.to(torch.int32) + UNSIGNED_OFFSET
+            zero_point = (zero_point.to(torch.int32) + UNSIGNED_OFFSET).to(torch.int8).t().contiguous()
+        repacked = torch.ops.zentorch.zentorch_woq_repack_weight(q.to(torch.int8).contiguous())
+        constants = {"weight": repacked.t(), "scales": weights.scale.t().contiguous()}
+        if zero_point is not None:
+            constants["zero_points"] = zero_point
+        return constants
+
+    @property
+    def target(self):
+        return torch.ops.zentorch.zentorch_woq_linear.default
+
+    def arguments(self, x, constants, bias) -> tuple:
+        return (x, constants["weight"], constants["scales"], constants.get("zero_points"), bias)
