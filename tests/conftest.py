@@ -1,0 +1,71 @@
+"""Shared test set-up: the ZenDNN algorithm, real checkpoints, and a simulated Zen 3 CPU.
+
+ZENDNNL_MATMUL_ALGO is read once per process at the first zentorch call, so it is set here,
+before anything imports zentorch: the reference algorithm (9) makes zentorch's WOQ kernel
+correct on CPUs without AVX512-BF16 too, so its numerics are checked end to end everywhere.
+
+Tolerances used across the suite:
+- one layer: ``zen_woq_pass.numerics.error_bound`` (2**-7 of |x| @ |W|.T + |b|, from bf16 rounding);
+- a whole model: SQNR against the fp32 dequantized reference at least ``MODEL_SQNR_DB`` and no more
+  than ``MODEL_SQNR_SLACK_DB`` below what the eager bf16 compressed-tensors model itself reaches.
+"""
+
+import os
+
+os.environ.setdefault("ZENDNNL_MATMUL_ALGO", "9")  # zen_woq_pass.platform.ZENDNN_REFERENCE_ALGO
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zen_woq_pass import platform  # noqa: E402
+from zen_woq_pass.checkpoints import Recipe, make_checkpoint  # noqa: E402
+
+MODEL_SQNR_DB = 35.0
+MODEL_SQNR_SLACK_DB = 3.0
+
+RECIPES = {
+    "llama_sym_g128": Recipe(),
+    "qwen2_asym_bias": Recipe(arch="qwen2", scheme="W4A16_ASYM", seed=1),
+    "llama_channel": Recipe(scheme={"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}, seed=2),
+    "llama_w8a16": Recipe(scheme="W8A16", seed=3),
+    "llama_partial": Recipe(ignore=("lm_head", "re:.*mlp.down_proj", "re:.*layers.1.self_attn.*"), seed=4),
+}
+
+ZEN3_CPU = platform.CpuInfo(
+    vendor="AuthenticAMD",
+    model_name="AMD EPYC 7763 (simulated)",
+    family=0x19,
+    model=0x01,
+    flags=frozenset("fpu sse sse2 avx avx2 fma bmi2".split()),
+)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> path of a real llmcompressor GPTQ checkpoint, made once per session on demand."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = make_checkpoint(RECIPES[name], tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def zen3_cpu(monkeypatch):
+    """Make the platform gate see a Zen 3 CPU (no AVX-512), whatever this machine is."""
+    monkeypatch.setattr(platform, "cpu_info", lambda path="/proc/cpuinfo": ZEN3_CPU)
+    return ZEN3_CPU
+
+
+def zentorch_cpu_ok() -> bool:
+    return platform.zentorch_cpu_reason() is None

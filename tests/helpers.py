@@ -1,0 +1,40 @@
+"""Helpers the end-to-end tests share: load, compile, compare, count graph nodes."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import zen_woq_pass
+from zen_woq_pass.numerics import sqnr_db
+
+INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def load(path, dtype=torch.bfloat16, keep=True):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return zen_woq_pass.keep_compressed(model) if keep else model
+
+
+def fp32_reference(path, input_ids=INPUT_IDS):
+    """compressed-tensors' own decompression, run in fp32: the dequantized fp32 reference."""
+    with torch.no_grad():
+        return load(path, torch.float32, keep=False)(input_ids).logits
+
+
+def run_compiled(model, options=None, input_ids=INPUT_IDS, **compile_kwargs):
+    compiled = torch.compile(model, backend="zen_woq", options=options, **compile_kwargs)
+    with torch.no_grad():
+        return compiled(input_ids).logits
+
+
+def call_targets(report) -> list[str]:
+    return [str(n.target) for n in report.graph_module.graph.nodes if n.op == "call_function"]
+
+
+def count(report, fragment: str) -> int:
+    return sum(fragment in target for target in call_targets(report))
+
+
+def assert_close_to_reference(compiled, eager, reference, min_db, slack_db):
+    eager_db, compiled_db = sqnr_db(eager, reference), sqnr_db(compiled, reference)
+    assert compiled_db >= min_db, f"compiled SQNR {compiled_db:.1f} dB < {min_db} dB"
+    assert compiled_db >= eager_db - slack_db, f"compiled {compiled_db:.1f} dB vs eager bf16 {eager_db:.1f} dB"
