@@ -140,9 +140,7 @@ def _value(leaf: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, object]) -> 
 def _module_path(linear: fx.Node, weight: fx.Node) -> str:
     """``model.layers.0.self_attn.q_proj``, from dynamo's module stack of the linear."""
     stack = linear.meta.get("nn_module_stack") or weight.meta.get("nn_module_stack")
-    if not stack:
-        return weight.name
-    path = list(stack.values())[-1][0]
+    path = list(stack.values())[-1][0] if stack else ""
     return re.sub(r"^L\['self'\]\.?", "", path) or "<root>"
 
 
@@ -237,7 +235,7 @@ def _plain_zero_point(zero_point, scale_shape):
         raise NotRecoverable(f"weight_zero_point has shape {tuple(zero_point.shape)}, expected {tuple(scale_shape)}")
     if zero_point.is_floating_point() and not torch.equal(zero_point, zero_point.round()):
         raise NotRecoverable("weight_zero_point holds non-integer values")
-    if zero_point.abs().max() > 128:
+    if zero_point.float().abs().max() > 128:  # compare in float: int8 would wrap 128 to -128
         raise NotRecoverable("weight_zero_point is out of the 8-bit range")
     return zero_point.to(torch.int8)
 

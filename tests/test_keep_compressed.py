@@ -1,0 +1,40 @@
+"""keep_compressed: no decompression, bit-exact eager reference, idempotent, traceable."""
+
+import torch
+from helpers import INPUT_IDS, load
+
+import zen_woq_pass
+
+
+def test_eager_is_bit_exact_with_compressed_tensors_decompression(checkpoints):
+    for name in ("llama_sym_g128", "qwen2_asym_bias"):
+        path = checkpoints(name)
+        with torch.no_grad():
+            decompressed = load(path, keep=False)(INPUT_IDS).logits
+            kept = load(path)(INPUT_IDS).logits
+        assert torch.equal(kept, decompressed)
+
+
+def test_weights_stay_packed_through_forward_and_compile(checkpoints):
+    model = load(checkpoints("llama_sym_g128"))
+    assert not hasattr(model, "ct_decompress_hook")
+    with torch.no_grad():
+        model(INPUT_IDS)
+        torch.compile(model, backend="zen_woq")(INPUT_IDS)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight_packed.dtype == torch.int32 and q_proj.weight_packed.shape == (256, 32)
+    assert not hasattr(q_proj, "weight")
+    assert "weight_packed" in dict(model.named_parameters()) or "model.layers.0.self_attn.q_proj.weight_packed" in model.state_dict()
+
+
+def test_idempotent(checkpoints):
+    model = load(checkpoints("llama_sym_g128"))
+    forward = model.model.layers[0].mlp.up_proj.forward
+    assert zen_woq_pass.keep_compressed(model) is model
+    assert model.model.layers[0].mlp.up_proj.forward is forward
+
+
+def test_traces_without_graph_breaks(checkpoints):
+    model = load(checkpoints("qwen2_asym_bias"))
+    explanation = torch._dynamo.explain(model)(INPUT_IDS)
+    assert explanation.graph_break_count == 0

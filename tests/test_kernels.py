@@ -1,0 +1,82 @@
+"""zentorch's kernel, real op, against the fp32 reference: repack and argument conventions
+(signed/unsigned, zero points, transposes, bias) over shapes and group sizes; and the self-check
+catching a kernel that computes the wrong thing."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_eligibility import GOOD
+
+from zen_woq_pass import ct_format, numerics, selfcheck
+from zen_woq_pass.kernels.zentorch import ZentorchKernel
+from zen_woq_pass.layer import QuantizedWeights
+
+
+def _layer_and_weights(n, k, group_size, zero_point, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    q = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+    scale = (torch.rand(n, groups, generator=g) * 0.05 + 0.001).to(torch.bfloat16)
+    zp = torch.randint(-8, 8, (n, groups), generator=g).to(torch.int8) if zero_point else None
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    layer = dataclasses.replace(GOOD, out_features=n, in_features=k, num_groups=groups, has_zero_point=zero_point, has_bias=bias)
+    return layer, QuantizedWeights(q, scale, zp, None), b
+
+
+@pytest.mark.parametrize("n, k", [(64, 256), (208, 384), (96, 1024)])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("zero_point, bias", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_zentorch_matches_fp32_reference(n, k, group_size, zero_point, bias, rows):
+    if k % group_size:
+        pytest.skip("group must divide K")
+    layer, weights, b = _layer_and_weights(n, k, group_size, zero_point, bias)
+    kernel = ZentorchKernel()
+    constants = kernel.pack(layer, weights)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
+    assert numerics.worst_excess(kernel.run(x, constants, b), x, exact, b) <= 1.0
+
+
+def test_channelwise_and_3d_activations():
+    layer, weights, b = _layer_and_weights(64, 256, 256, True, True)
+    kernel = ZentorchKernel()
+    x = torch.randn(2, 3, 256).to(torch.bfloat16)
+    exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
+    y = kernel.run(x, kernel.pack(layer, weights), b)
+    assert y.shape == (2, 3, 64)
+    assert numerics.worst_excess(y, x, exact, b) <= 1.0
+
+
+class SignedZeroPointKernel(ZentorchKernel):
+    """zentorch without the +8 offset: signed weights with a signed zero point (FACTS.md: wrong)."""
+
+    name = "zentorch-signed-zp"
+
+    def pack(self, layer, weights):
+        repacked = torch.ops.zentorch.zentorch_woq_repack_weight(weights.q.contiguous())
+        return {"weight": repacked.t(), "scales": weights.scale.t().contiguous(), "zero_points": weights.zero_point.t().contiguous()}
+
+
+class TransposedScaleKernel(ZentorchKernel):
+    name = "zentorch-bad-scales"
+
+    def pack(self, layer, weights):
+        constants = super().pack(layer, weights)
+        constants["scales"] = constants["scales"].flip(0).contiguous()  # groups swapped
+        return constants
+
+
+@pytest.mark.parametrize("wrong", [SignedZeroPointKernel, TransposedScaleKernel])
+def test_self_check_rejects_a_kernel_that_computes_the_wrong_thing(wrong):
+    layer, weights, b = _layer_and_weights(64, 256, 64, True, False, seed=3)
+    kernel = wrong()
+    reason = selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b)
+    assert reason is not None and "self-check failed" in reason
+
+
+def test_self_check_passes_the_real_kernel():
+    layer, weights, b = _layer_and_weights(64, 256, 64, True, True, seed=4)
+    kernel = ZentorchKernel()
+    assert selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b) is None
