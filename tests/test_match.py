@@ -111,3 +111,15 @@ def test_two_models_sharing_a_graph_keep_their_own_constants(kernel):
     for y, want in zip(got, [*expected, expected[0]]):
         assert torch.allclose(y.float(), want.float(), rtol=2**-7, atol=2e-2)
     assert not torch.allclose(expected[0], expected[1])
+
+
+def test_a_replaced_parameter_gets_a_new_variant_not_stale_constants():
+    first, second = _packed_linear(seed=0), _packed_linear(seed=1)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    compiled = torch.compile(first, backend="zen_woq", options={"kernel": "zentorch"})
+    with torch.no_grad():
+        compiled(x)
+        for name in ("weight_packed", "weight_scale", "weight_zero_point"):
+            setattr(first[0], name, getattr(second[0], name))
+        y, want = compiled(x), second(x)
+    assert torch.allclose(y.float(), want.float(), rtol=2**-7, atol=2e-2)
