@@ -54,3 +54,20 @@ def test_each_rejection_has_its_reason(change, reason):
 def test_a_fake_quant_layer_within_4_bits_is_eligible():
     layer = dataclasses.replace(GOOD, weight_form=FAKE_QUANT, values_per_word=None, packed_dim=None, num_bits=4)
     assert KERNELS["zentorch"].layer_reason(layer) is None
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(out_features=520), "not a multiple of 16"),
+        (dict(in_features=240, num_groups=15), "group size 16 is not a multiple of 32"),
+        (dict(num_bits=8, values_per_word=4), "8-bit weights"),
+        (dict(has_g_idx=True), "activation re-ordering"),
+    ],
+)
+def test_aten_int4_rejections(change, reason):
+    assert reason in KERNELS["aten-int4"].layer_reason(dataclasses.replace(GOOD, **change))
+
+
+def test_aten_int4_takes_float32_activations():
+    assert KERNELS["aten-int4"].layer_reason(dataclasses.replace(GOOD, activation_dtype=torch.float32)) is None

@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_eligibility import GOOD
 
-from zen_woq_pass import ct_format, numerics, selfcheck
+from zen_woq_pass import ct_format, numerics, platform, selfcheck
+from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.kernels.zentorch import ZentorchKernel
 from zen_woq_pass.layer import QuantizedWeights
 
@@ -28,21 +29,21 @@ def _layer_and_weights(n, k, group_size, zero_point, bias, seed=0):
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("zero_point, bias", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_zentorch_matches_fp32_reference(n, k, group_size, zero_point, bias, rows):
-    if k % group_size:
-        pytest.skip("group must divide K")
+@pytest.mark.parametrize("kernel", CHAIN, ids=lambda k: k.name)
+def test_kernel_matches_fp32_reference(kernel, n, k, group_size, zero_point, bias, rows):
     layer, weights, b = _layer_and_weights(n, k, group_size, zero_point, bias)
-    kernel = ZentorchKernel()
+    assert kernel.layer_reason(layer) is None
     constants = kernel.pack(layer, weights)
     x = torch.randn(rows, k).to(torch.bfloat16)
     exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
     assert numerics.worst_excess(kernel.run(x, constants, b), x, exact, b) <= 1.0
 
 
-def test_channelwise_and_3d_activations():
-    layer, weights, b = _layer_and_weights(64, 256, 256, True, True)
-    kernel = ZentorchKernel()
-    x = torch.randn(2, 3, 256).to(torch.bfloat16)
+@pytest.mark.parametrize("kernel", CHAIN, ids=lambda k: k.name)
+@pytest.mark.parametrize("group_size", [256, 512])  # channel-wise; a group size aten-int4 re-expresses
+def test_large_groups_and_3d_activations(kernel, group_size):
+    layer, weights, b = _layer_and_weights(64, 512, group_size, True, True)
+    x = torch.randn(2, 3, 512).to(torch.bfloat16)
     exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
     y = kernel.run(x, kernel.pack(layer, weights), b)
     assert y.shape == (2, 3, 64)
@@ -55,7 +56,7 @@ class SignedZeroPointKernel(ZentorchKernel):
     name = "zentorch-signed-zp"
 
     def pack(self, layer, weights):
-        repacked = torch.ops.zentorch.zentorch_woq_repack_weight(weights.q.contiguous())
+        repacked = platform.zentorch_ops().zentorch_woq_repack_weight(weights.q.contiguous())
         return {"weight": repacked.t(), "scales": weights.scale.t().contiguous(), "zero_points": weights.zero_point.t().contiguous()}
 
 

@@ -27,19 +27,24 @@ def _compile_and_check(path, options):
     return zen_woq_pass.last_report()
 
 
+# kernel -> the call its rewritten layers become in the graph
+KERNEL_CALLS = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack_linear"}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_CALLS))
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_forced_zentorch_rewrites_exactly_the_eligible_layers(checkpoints, name):
+def test_forced_kernel_rewrites_exactly_the_eligible_layers(checkpoints, name, kernel):
     quantized, eligible = EXPECTED[name]
-    report = _compile_and_check(checkpoints(name), {"kernel": "zentorch"})
+    report = _compile_and_check(checkpoints(name), {"kernel": kernel})
     assert len(report.layers) == quantized
-    on_zentorch = report.by_kernel().get("zentorch", [])
-    assert len(on_zentorch) == eligible
-    assert count(report, "zentorch_woq_linear") == eligible
+    assert len(report.by_kernel().get(kernel, [])) == eligible
+    for other_kernel, call in KERNEL_CALLS.items():
+        assert count(report, call) == (eligible if other_kernel == kernel else 0)
     # the per-call unpack (shift) survives only for layers left on the default path
     assert count(report, "rshift") == quantized - eligible
     for decision in report.layers:
-        if decision.kernel != "zentorch":
-            assert "8-bit weights" in decision.reason
+        if decision.kernel != kernel:
+            assert decision.kernel == "default" and f"{kernel}: 8-bit weights" in decision.reason
 
 
 def test_zero_points_and_bias_reach_the_kernel(checkpoints):
@@ -55,16 +60,24 @@ def test_auto_follows_the_platform_gate_here(checkpoints):
     if zentorch_cpu_ok():
         assert report.by_kernel() == {"zentorch": [d.module_path for d in report.layers]}
     else:
-        assert "zentorch" not in report.by_kernel()
+        assert set(report.by_kernel()) == {"aten-int4"}
         assert all("AVX512-BF16" in d.reason for d in report.layers)
 
 
-def test_auto_on_zen3_leaves_everything_on_the_default_path(checkpoints, zen3_cpu):
+def test_auto_on_zen3_falls_through_to_the_aten_int4_kernel(checkpoints, zen3_cpu):
     report = _compile_and_check(checkpoints("qwen2_asym_bias"), {"kernel": "auto"})
-    assert set(report.by_kernel()) == {"default"}
-    assert count(report, "zentorch_woq_linear") == 0
+    assert set(report.by_kernel()) == {"aten-int4"}
+    assert count(report, "zentorch_woq_linear") == 0 and count(report, "int4pack_linear") == 14
     for decision in report.layers:
-        assert "zentorch:" in decision.reason and "avx512_bf16" in decision.reason
+        assert decision.reason.startswith("zentorch: Zen 3 CPU lacks") and "avx512_bf16" in decision.reason
+
+
+def test_auto_leaves_8_bit_layers_on_the_default_path_with_each_kernels_reason(checkpoints):
+    report = _compile_and_check(checkpoints("llama_w8a16"), None)
+    assert set(report.by_kernel()) == {"default"}
+    assert count(report, "rshift") == 14
+    for decision in report.layers:
+        assert "aten-int4: 8-bit weights" in decision.reason
 
 
 def test_forced_zentorch_on_zen3_is_still_checked_and_correct(checkpoints, zen3_cpu):

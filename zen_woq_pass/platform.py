@@ -109,3 +109,11 @@ def zentorch_cpu_reason(cpu: CpuInfo | None = None) -> str | None:
     if missing:
         return f"{cpu.zen_generation} CPU lacks {', '.join(missing)} (zentorch WOQ needs AVX512-BF16)"
     return None
+
+
+def zentorch_ops():
+    """``torch.ops.zentorch``, importing zentorch first; RuntimeError when it is unusable."""
+    reason = zentorch_unusable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    return torch.ops.zentorch

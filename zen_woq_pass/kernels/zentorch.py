@@ -33,7 +33,7 @@ class ZentorchKernel(Kernel):
         if zero_point is not None:
             q = q.to(torch.int32) + UNSIGNED_OFFSET
             zero_point = (zero_point.to(torch.int32) + UNSIGNED_OFFSET).to(torch.int8).t().contiguous()
-        repacked = torch.ops.zentorch.zentorch_woq_repack_weight(q.to(torch.int8).contiguous())
+        repacked = platform.zentorch_ops().zentorch_woq_repack_weight(q.to(torch.int8).contiguous())
         constants = {"weight": repacked.t(), "scales": weights.scale.t().contiguous()}
         if zero_point is not None:
             constants["zero_points"] = zero_point
@@ -41,7 +41,7 @@ class ZentorchKernel(Kernel):
 
     @property
     def target(self):
-        return torch.ops.zentorch.zentorch_woq_linear.default
+        return platform.zentorch_ops().zentorch_woq_linear.default
 
     def arguments(self, x, constants, bias) -> tuple:
         return (x, constants["weight"], constants["scales"], constants.get("zero_points"), bias)

@@ -1,0 +1,76 @@
+"""PyTorch's own int4 CPU kernel, ``aten._weight_int4pack_mm_for_cpu``: the chain's AVX2 fallback.
+
+Runs where zentorch's WOQ kernel cannot (Zen 2/3, other x86). Conventions (read in PyTorch's
+source, measured here): ``_convert_weight_to_int4pack_for_cpu`` takes int32 [N, K] of *unsigned*
+codes 0..15 (N % 16 == 0, K even) and returns uint8 [N, K/2] in a layout that depends on the ISA of
+the packing machine -- so we pack at compile time, on the machine that runs, and never ship it.
+The matmul dequantizes ``(code - 8) * scale + zero`` from ``scales_and_zeros`` [G, N, 2] in the
+activation dtype. compressed-tensors' ``(q - zp) * scale`` maps to code = q + 8, zero = -zp * scale.
+Group sizes 32/64/128/256 only; a larger multiple of 32 (up to channel-wise) is re-expressed at a
+finer allowed size by repeating its scales, which is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zen_woq_pass import eligibility
+from zen_woq_pass.kernels.base import Kernel
+from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+
+GROUP_SIZES = (256, 128, 64, 32)
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def kernel_group_size(group_size: int) -> int | None:
+    """The largest group size the kernel takes that divides ``group_size``."""
+    return next((g for g in GROUP_SIZES if group_size % g == 0), None)
+
+
+def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+    """x [..., K] -> [..., N]; weight uint8 [N, K/2] packed here; scales_and_zeros [G, N, 2]."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    group_size = x.shape[-1] // scales_and_zeros.shape[0]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Int4PackKernel(Kernel):
+    name = "aten-int4"
+
+    def platform_reason(self, forced: bool) -> str | None:
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+        return None
+
+    def layer_reason(self, layer: QuantizedLinear) -> str | None:
+        reason = eligibility.gptq_int4_reason(layer)
+        if reason:
+            return reason
+        if layer.out_features % 16:
+            return f"out_features {layer.out_features} is not a multiple of 16"
+        if layer.in_features % 2:
+            return f"in_features {layer.in_features} is odd"
+        if kernel_group_size(layer.group_size) is None:
+            return f"group size {layer.group_size} is not a multiple of 32"
+        if layer.activation_dtype not in ACTIVATION_DTYPES:
+            return f"activations are {layer.activation_dtype}"
+        return None
+
+    def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
+        codes = weights.q.to(torch.int32) + 8
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        repeat = layer.group_size // kernel_group_size(layer.group_size)
+        scale = weights.scale.float().repeat_interleave(repeat, dim=1)
+        zero = torch.zeros_like(scale)
+        if weights.zero_point is not None:
+            zero = -weights.zero_point.float().repeat_interleave(repeat, dim=1) * scale
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        return {"weight": packed, "scales_and_zeros": scales_and_zeros.to(layer.activation_dtype)}
+
+    target = staticmethod(int4pack_linear)
+
+    def arguments(self, x, constants, bias) -> tuple:
+        return (x, constants["weight"], constants["scales_and_zeros"], bias)
