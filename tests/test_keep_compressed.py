@@ -27,11 +27,15 @@ def test_weights_stay_packed_through_forward_and_compile(checkpoints):
     assert "weight_packed" in dict(model.named_parameters()) or "model.layers.0.self_attn.q_proj.weight_packed" in model.state_dict()
 
 
-def test_idempotent(checkpoints):
+def test_idempotent_and_still_a_linear(checkpoints):
     model = load(checkpoints("llama_sym_g128"))
-    forward = model.model.layers[0].mlp.up_proj.forward
+    up_proj = model.model.layers[0].mlp.up_proj
+    assert isinstance(up_proj, torch.nn.Linear) and "forward" not in vars(up_proj)
+    kept_class = type(up_proj)
     assert zen_woq_pass.keep_compressed(model) is model
-    assert model.model.layers[0].mlp.up_proj.forward is forward
+    assert type(up_proj) is kept_class
+    with torch.no_grad():
+        assert torch.equal(model(INPUT_IDS).logits, load(checkpoints("llama_sym_g128"))(INPUT_IDS).logits)
 
 
 def test_traces_without_graph_breaks(checkpoints):

@@ -4,12 +4,13 @@ not compressed-tensors dequantization, and models that share one compiled graph.
 import pytest
 import torch
 import torch.nn.functional as F
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from helpers import count
 
 import zen_woq_pass
 from zen_woq_pass import ct_format, numerics
+from zen_woq_pass.checkpoints import packed_linear
 
 ARGS = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=64)
 
@@ -39,17 +40,7 @@ class FakeQuantLinear(torch.nn.Module):
 
 
 def _packed_linear(g_idx=None, seed=0):
-    """A compressed-tensors pack-quantized Linear built by hand (as transformers would load it)."""
-    q, scale, zp = _quantized(seed=seed)
-    linear = torch.nn.Linear(256, 96, bias=False, dtype=torch.bfloat16)
-    del linear.weight
-    linear.weight_packed = torch.nn.Parameter(ct_format.pack_int32(q, 4), requires_grad=False)
-    linear.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-    linear.weight_zero_point = torch.nn.Parameter(ct_format.pack_int32(zp.t(), 4).t().contiguous(), requires_grad=False)
-    if g_idx is not None:
-        linear.weight_g_idx = torch.nn.Parameter(g_idx, requires_grad=False)
-    linear.quantization_scheme = QuantizationScheme(targets=["Linear"], weights=ARGS)
-    return zen_woq_pass.keep_compressed(torch.nn.Sequential(linear))
+    return torch.nn.Sequential(packed_linear(96, 256, group_size=64, zero_point=True, g_idx=g_idx, seed=seed))
 
 
 def _compile(module, x, kernel="zentorch"):
@@ -123,3 +114,15 @@ def test_a_replaced_parameter_gets_a_new_variant_not_stale_constants():
             setattr(first[0], name, getattr(second[0], name))
         y, want = compiled(x), second(x)
     assert torch.allclose(y.float(), want.float(), rtol=2**-7, atol=2e-2)
+
+
+def test_graphs_compiled_from_the_same_weights_share_packed_constants():
+    module = _packed_linear()
+    compiled = torch.compile(module, backend="zen_woq", options={"kernel": "aten-int4"}, dynamic=False)
+    constants = []
+    with torch.no_grad():
+        for rows in (1, 4):  # two shapes: two graphs
+            compiled(torch.randn(rows, 256).to(torch.bfloat16))
+            gm = zen_woq_pass.last_report().graph_module
+            constants.append({name: buffer.data_ptr() for name, buffer in gm.named_buffers()})
+    assert constants[0] and constants[0] == constants[1]

@@ -9,6 +9,7 @@
 
 from zen_woq_pass.backend import zen_woq
 from zen_woq_pass.keep_compressed import keep_compressed
-from zen_woq_pass.report import last_report
+from zen_woq_pass.release import release_module_weights
+from zen_woq_pass.report import last_report, recent_reports
 
-__all__ = ["keep_compressed", "last_report", "zen_woq"]
+__all__ = ["keep_compressed", "last_report", "recent_reports", "release_module_weights", "zen_woq"]

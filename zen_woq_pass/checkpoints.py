@@ -28,6 +28,8 @@ class Recipe:
     intermediate_size: int = 512
     num_layers: int = 2
     seed: int = 0
+    algorithm: str = "gptq"  # "gptq", or "rtn" (round-to-nearest: much faster on large models)
+    initializer_range: float = 0.02  # larger: peakier logits, fewer near-ties for greedy decoding
 
 
 def _model(recipe: Recipe):
@@ -39,32 +41,37 @@ def _model(recipe: Recipe):
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=max(4, recipe.hidden_size // 64),
+        num_key_value_heads=max(2, recipe.hidden_size // 256),
         max_position_embeddings=512,
         tie_word_embeddings=False,
+        initializer_range=recipe.initializer_range,
     )
     torch.manual_seed(recipe.seed)
     return model_cls(config).to(torch.bfloat16)
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """Byte-level, one token per byte (256, no merges): any text encodes, nothing to download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", bos_token="t2", eos_token="t1")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    end = alphabet[0]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end, pad_token=end, bos_token=end)
 
 
 def _modifier(recipe: Recipe):
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    modifier = {"gptq": GPTQModifier, "rtn": QuantizationModifier}[recipe.algorithm]
     if isinstance(recipe.scheme, str):
-        return GPTQModifier(targets="Linear", scheme=recipe.scheme, ignore=list(recipe.ignore))
+        return modifier(targets="Linear", scheme=recipe.scheme, ignore=list(recipe.ignore))
     groups = {"group_0": {"targets": ["Linear"], "weights": dict(recipe.scheme)}}
-    return GPTQModifier(config_groups=groups, ignore=list(recipe.ignore))
+    return modifier(config_groups=groups, ignore=list(recipe.ignore))
 
 
 def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
@@ -77,7 +84,7 @@ def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
     _model(recipe).save_pretrained(dense)
     _tokenizer().save_pretrained(dense)
     rng = random.Random(recipe.seed)
-    texts = [" ".join(f"t{rng.randrange(3, VOCAB)}" for _ in range(48)) for _ in range(16)]
+    texts = ["".join(chr(rng.randrange(32, 127)) for _ in range(64)) for _ in range(16)]
     oneshot(
         model=str(dense),
         dataset=Dataset.from_dict({"text": texts}),
@@ -88,3 +95,47 @@ def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
     )
     _tokenizer().save_pretrained(quantized)
     return quantized
+
+
+def packed_linear(
+    out_features: int,
+    in_features: int,
+    group_size: int | None = 128,
+    zero_point: bool = False,
+    bias: bool = False,
+    g_idx: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.nn.Linear:
+    """One compressed-tensors pack-quantized Linear, built as transformers loads it (random 4-bit
+    values and bf16 scales; ``group_size=None`` is channel-wise), already kept compressed.
+
+    For shapes no small checkpoint has (Llama-3-8B's, in benchmarks) and for hand-made variants
+    (g_idx) that llmcompressor no longer writes.
+    """
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from zen_woq_pass import ct_format
+    from zen_woq_pass.keep_compressed import keep_compressed
+
+    generator = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size is None else in_features // group_size
+    q = torch.randint(-8, 8, (out_features, in_features), generator=generator).to(torch.int8)
+    scale = (torch.rand(out_features, groups, generator=generator) * 0.02 + 0.001).to(torch.bfloat16)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    del linear.weight
+
+    def constant(tensor):
+        return torch.nn.Parameter(tensor, requires_grad=False)
+
+    linear.weight_packed = constant(ct_format.pack_int32(q, 4))
+    linear.weight_scale = constant(scale)
+    if zero_point:
+        zp = torch.randint(-8, 8, (out_features, groups), generator=generator).to(torch.int8)
+        linear.weight_zero_point = constant(ct_format.pack_int32(zp.t(), 4).t().contiguous())
+    if g_idx is not None:
+        linear.weight_g_idx = constant(g_idx)
+    strategy = {"strategy": "channel"} if group_size is None else {"strategy": "group", "group_size": group_size}
+    args = QuantizationArgs(num_bits=4, symmetric=not zero_point, **strategy)
+    linear.quantization_scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    keep_compressed(linear)
+    return linear

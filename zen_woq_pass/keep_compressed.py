@@ -4,15 +4,15 @@ transformers loads a pack-quantized checkpoint with its weights still packed, th
 pre-hook (``model.ct_decompress_hook``) decompresses the whole model to dense bf16 on the first
 call -- under torch.compile too. :func:`keep_compressed` removes that hook and gives every
 packed Linear a forward that computes from ``weight_packed`` / ``weight_scale`` /
-``weight_zero_point`` on each call. In eager mode that forward *is* the reference: the same
+``weight_zero_point`` on each call (by giving it a subclass of its class). In eager mode that forward *is* the reference: the same
 dequantization compressed-tensors performs, bit for bit. Under ``backend="zen_woq"`` the pass
 recognises it and replaces it with a kernel that reads the 4-bit weights directly.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +21,35 @@ from zen_woq_pass import ct_format
 
 logger = logging.getLogger(__name__)
 
-KEPT_FLAG = "zen_woq_kept_compressed"
 
 
-def _packed_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """Unpack, dequantize and multiply, every call (the eager reference; traceable)."""
-    q = ct_format.unpack_weight(self.weight_packed, self.zen_woq_num_bits, self.in_features)
-    zero_point = getattr(self, "weight_zero_point", None)
-    if zero_point is not None:
-        zero_point = ct_format.unpack_zero_point(zero_point, self.zen_woq_num_bits, self.out_features)
-    weight = ct_format.dequantize(q, self.weight_scale, zero_point, getattr(self, "weight_g_idx", None))
-    return F.linear(input, weight.to(input.dtype), self.bias)
+class PackedForward:
+    """Mixed in before a Linear class: unpack, dequantize and multiply on every call.
+
+    A class, not a ``forward`` patched onto the instance (what compressed-tensors does): dynamo
+    treats instance-patched forwards as dynamic modules and mis-binds them on a root module.
+    """
+
+    zen_woq_num_bits: int
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        q = ct_format.unpack_weight(self.weight_packed, self.zen_woq_num_bits, self.in_features)
+        zero_point = getattr(self, "weight_zero_point", None)
+        if zero_point is not None:
+            zero_point = ct_format.unpack_zero_point(zero_point, self.zen_woq_num_bits, self.out_features)
+        weight = ct_format.dequantize(q, self.weight_scale, zero_point, getattr(self, "weight_g_idx", None))
+        return F.linear(input, weight.to(input.dtype), self.bias)
+
+
+class PackedLinear(PackedForward, torch.nn.Linear):
+    """``torch.nn.Linear`` kept packed (importable, so such models pickle)."""
+
+
+@functools.cache
+def _packed_class(cls: type) -> type:
+    if cls is torch.nn.Linear:
+        return PackedLinear
+    return type(f"Packed{cls.__name__}", (PackedForward, cls), {})
 
 
 def _remove_decompress_hook(model: torch.nn.Module) -> bool:
@@ -54,7 +72,7 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
     if _remove_decompress_hook(model):
         logger.info("zen_woq: removed compressed-tensors' decompress-on-first-forward hook")
     for name, module in model.named_modules():
-        if getattr(module, KEPT_FLAG, False) or not hasattr(module, "weight_packed"):
+        if isinstance(module, PackedForward) or not hasattr(module, "weight_packed"):
             continue
         scheme = getattr(module, "quantization_scheme", None)
         if not isinstance(module, torch.nn.Linear) or scheme is None or scheme.weights is None:
@@ -71,6 +89,6 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
             if tensor is not None:
                 tensor.requires_grad_(False)
         module.zen_woq_num_bits = num_bits
-        module.forward = types.MethodType(_packed_linear_forward, module)
-        setattr(module, KEPT_FLAG, True)
+        module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
+        module.__class__ = _packed_class(type(module))
     return model

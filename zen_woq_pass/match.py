@@ -47,6 +47,7 @@ class Match:
     linear: fx.Node
     module_path: str
     constant_inputs: tuple[fx.Node, ...]
+    constant_values: tuple[torch.Tensor, ...] = ()
     layer: QuantizedLinear | None = None
     weights: QuantizedWeights | None = None
     reason: str | None = None
@@ -80,6 +81,7 @@ def find_quantized_linears(gm: fx.GraphModule, values: dict[fx.Node, object]) ->
         match = Match(node, _module_path(node, weight), tuple(leaves))
         try:
             leaf_values = {leaf: _value(leaf, gm, values) for leaf in leaves}
+            match.constant_values = tuple(leaf_values.values())
             dense = _evaluate(gm, slice_nodes, leaves, weight, leaf_values)
             tensors = {role: leaf_values[leaf] for role, leaf in roles.items() if role}
             form, num_bits, per_word, packed_dim, weights = _recover(tensors, dense)

@@ -6,6 +6,7 @@ a table and renders as HTML in Jupyter.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import html
 
@@ -35,6 +36,8 @@ class Report:
     kernel_option: str
     layers: list[LayerDecision]
     graph_module: fx.GraphModule | None = None  # the rewritten graph handed to Inductor
+    module_weight_bytes: int = 0  # the replaced layers' own tensors, still held by the model
+    kernel_constant_bytes: int = 0  # the same layers packed for their kernels
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -67,22 +70,39 @@ class Report:
         lines = [f"zen_woq report (kernel={self.kernel_option}): {len(self.layers)} quantized linear(s)"]
         for row in rows:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        if self.memory_note:
+            lines.append(self.memory_note)
         return "\n".join(lines)
+
+    @property
+    def memory_note(self) -> str:
+        if not (self.module_weight_bytes and self.kernel_constant_bytes):
+            return ""
+        return (
+            f"memory: the model still holds the replaced layers' packed weights ({self.module_weight_bytes / 1e6:.1f} MB) "
+            f"beside the kernels' copy ({self.kernel_constant_bytes / 1e6:.1f} MB); once compiled, "
+            "zen_woq_pass.release_module_weights(model) frees the model's copy (inference only)"
+        )
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>"
+        note = f"<p>{html.escape(self.memory_note)}</p>" if self.memory_note else ""
+        return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>{note}"
 
 
-_last: Report | None = None
+_recent: collections.deque[Report] = collections.deque(maxlen=64)
 
 
 def record(report: Report) -> None:
-    global _last
-    _last = report
+    _recent.append(report)
 
 
 def last_report() -> Report | None:
     """The decisions of the most recent graph compiled by ``backend="zen_woq"`` (None before any)."""
-    return _last
+    return _recent[-1] if _recent else None
+
+
+def recent_reports() -> list[Report]:
+    """The reports of the last 64 graphs compiled, oldest first (``generate`` compiles several)."""
+    return list(_recent)

@@ -20,7 +20,7 @@ import re
 import torch
 import torch.fx as fx
 
-from zen_woq_pass import selfcheck
+from zen_woq_pass import packed_constants, selfcheck
 from zen_woq_pass.kernels import CHAIN, KERNELS
 from zen_woq_pass.match import Match, find_quantized_linears
 from zen_woq_pass.options import AUTO, DEFAULT, Options
@@ -35,17 +35,19 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
     kernels = CHAIN if options.kernel == AUTO else () if options.kernel == DEFAULT else (KERNELS[options.kernel],)
-    decisions, folded = [], set()
+    decisions, folded, module_bytes = [], set(), 0
     for match in find_quantized_linears(gm, values):
         kernel, reasons = _replace(gm, match, values, kernels, options)
         decisions.append(_decision(match, kernel, reasons))
         if kernel is not None:
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
+            module_bytes += sum(t.numel() * t.element_size() for t in match.constant_values)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     for decision in decisions:
         logger.info("zen_woq: %s -> %s%s", decision.module_path, decision.kernel, f" ({decision.reason})" if decision.reasons else "")
-    return gm, Report(options.kernel, decisions, gm), tuple(sorted(folded))
+    constant_bytes = sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith("zen_woq_"))
+    return gm, Report(options.kernel, decisions, gm, module_bytes, constant_bytes), tuple(sorted(folded))
 
 
 def _replace(gm, match: Match, values, kernels, options):
@@ -62,7 +64,8 @@ def _replace(gm, match: Match, values, kernels, options):
     for kernel in kernels:
         reason = kernel.platform_reason(options.forced) or kernel.layer_reason(match.layer)
         if reason is None:
-            constants = kernel.pack(match.layer, match.weights)
+            key = (kernel.name, match.layer.activation_dtype)
+            constants = packed_constants.packed(match.constant_values, key, lambda: kernel.pack(match.layer, match.weights))
             reason = selfcheck.self_check(kernel, match.layer, match.weights, constants, bias)
         if reason is not None:
             reasons.append(f"{kernel.name}: {reason}")

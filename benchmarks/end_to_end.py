@@ -1,0 +1,107 @@
+"""End-to-end benchmark: a medium Llama-shaped W4A16 model, three ways, side by side in one run.
+
+    python benchmarks/end_to_end.py [--layers 8] [--hidden 2048] [--intermediate 5632] [--new-tokens 32]
+
+The model is made here: random weights, quantized W4A16 (group 128) by llmcompressor (round to
+nearest: GPTQ's result has the same shapes and speed, and takes minutes at this size). Compared:
+transformers' default (decompressed to bf16 on the first forward, eager), ``torch.compile`` with
+Inductor on that decompressed model, and ``backend="zen_woq"`` on the kept-compressed model.
+Prints time to first token, decode tokens/s, first-call (compile) time, bytes held by the quantized
+linears' own tensors and by the kernels' packed constants (one copy each). Greedy tokens are
+compared with the eager model's: on random weights near-tied logits may flip under bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+
+import torch
+
+import zen_woq_pass
+from zen_woq_pass import packed_constants, platform
+from zen_woq_pass.checkpoints import Recipe, make_checkpoint
+from zen_woq_pass.kernels import KERNELS
+from zen_woq_pass.measure import greedy, linear_weight_bytes, time_generation
+
+
+def measure(label, model, ids, new_tokens):
+    start = time.perf_counter()
+    tokens = greedy(model, ids, new_tokens)  # first call: decompression or compilation happens here
+    first = time.perf_counter() - start
+    timing = time_generation(model, ids, new_tokens)
+    return {
+        "path": label,
+        "first generate s": first,
+        "TTFT ms": timing.ttft_ms,
+        "decode ms/token": timing.decode_ms_per_token,
+        "decode tok/s": timing.decode_tokens_per_s,
+        "linear weights MB": linear_weight_bytes(model) / 1e6,
+        "kernel constants MB": packed_constants.held_bytes() / 1e6,
+        "tokens": tokens[0].tolist(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write the results here, for benchmarks/plot.py")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    cpu = platform.cpu_info()
+    print(f"# {cpu.model_name} ({cpu.zen_generation}), {torch.get_num_threads()} threads; zentorch WOQ here: "
+          f"{platform.zentorch_cpu_reason() or 'supported'}")
+    recipe = Recipe(hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers, algorithm="rtn")
+    ids = torch.randint(3, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        path = make_checkpoint(recipe, scratch)
+
+        def load():
+            gc.collect()
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+
+        rows.append(measure("transformers (decompressed, eager)", load(), ids, args.new_tokens))
+        torch._dynamo.reset()
+        model = load()
+        greedy(model, ids, 1)  # decompress first, so Inductor compiles the dense model
+        model.forward = torch.compile(model.forward)
+        rows.append(measure("torch.compile inductor (decompressed)", model, ids, args.new_tokens))
+        del model
+        reports = {}
+        for kernel in ("auto", *KERNELS):
+            if kernel in reports.get("auto", {}):
+                continue  # measured already, as what auto chose
+            torch._dynamo.reset()
+            model = zen_woq_pass.keep_compressed(load())
+            model.forward = torch.compile(model.forward, backend="zen_woq", options={"kernel": kernel})
+            row = measure(f"torch.compile zen_woq kernel={kernel} (kept 4-bit)", model, ids, args.new_tokens)
+            reports[kernel] = {k: len(v) for k, v in zen_woq_pass.last_report().by_kernel().items()}
+            if kernel == "auto" or kernel in reports[kernel]:
+                rows.append(row)
+            del model
+    base = rows[0]
+    print(f"# {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens; layers per kernel: {reports}\n")
+    columns = ["first generate s", "TTFT ms", "decode ms/token", "decode tok/s", "linear weights MB", "kernel constants MB"]
+    print("| path | " + " | ".join(columns) + " | decode speed-up | same tokens |")
+    print("|---" * (len(columns) + 3) + "|")
+    for row in rows:
+        cells = [f"{row[c]:.2f}" for c in columns]
+        speedup = base["decode ms/token"] / row["decode ms/token"]
+        print(f"| {row['path']} | " + " | ".join(cells) + f" | x{speedup:.2f} | {row['tokens'] == base['tokens']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": f"{cpu.model_name} ({cpu.zen_generation})", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
