@@ -34,7 +34,11 @@ def count(report, fragment: str) -> int:
     return sum(fragment in target for target in call_targets(report))
 
 
+EAGER_SQNR_CAP_DB = 60.0  # an fp32 model's eager output *is* the reference (inf dB): do not demand exactness
+
+
 def assert_close_to_reference(compiled, eager, reference, min_db, slack_db):
-    eager_db, compiled_db = sqnr_db(eager, reference), sqnr_db(compiled, reference)
+    """SQNR(compiled, fp32 reference) >= min_db, and at most slack_db below the eager model's own."""
+    eager_db, compiled_db = min(sqnr_db(eager, reference), EAGER_SQNR_CAP_DB), sqnr_db(compiled, reference)
     assert compiled_db >= min_db, f"compiled SQNR {compiled_db:.1f} dB < {min_db} dB"
-    assert compiled_db >= eager_db - slack_db, f"compiled {compiled_db:.1f} dB vs eager bf16 {eager_db:.1f} dB"
+    assert compiled_db >= eager_db - slack_db, f"compiled {compiled_db:.1f} dB vs eager {eager_db:.1f} dB"

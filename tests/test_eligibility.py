@@ -42,6 +42,7 @@ def test_a_gptq_int4_layer_is_eligible():
         (dict(has_g_idx=True), "activation re-ordering"),
         (dict(num_groups=3), "not divisible by 3 groups"),
         (dict(weights_require_grad=True), "require grad"),
+        (dict(activation_requires_grad=True), "no backward"),
         (dict(activation_dtype=torch.float32), "bfloat16 only"),
         (dict(activation_dtype=torch.float16), "bfloat16 only"),
         (dict(in_features=258, num_groups=86), "group size 3 is odd"),

@@ -10,6 +10,7 @@ Weights mutated in place after compiling are not seen, as with ``freezing``: the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 
@@ -49,21 +50,20 @@ class _GuardedGraph:
         self.fallback = None
         self._add_variant(example_inputs)
 
-    def _add_variant(self, inputs):
-        gm, report, folded = rewrite(_copy(self.original), inputs, self.options)
+    def _compile(self, inputs, options: Options):
+        gm, report, folded = rewrite(_copy(self.original), inputs, options)
         report_module.record(report)
-        compiled = compile_fx(gm, inputs, config_patches=dict(self.options.inductor_config))
-        refs = tuple(weakref.ref(inputs[i]) for i in folded)
-        self.variants.append((folded, refs, compiled))
+        return compile_fx(gm, inputs, config_patches=dict(options.inductor_config)), folded
+
+    def _add_variant(self, inputs):
+        compiled, folded = self._compile(inputs, self.options)
+        self.variants.append((folded, tuple(weakref.ref(inputs[i]) for i in folded), compiled))
         return compiled
 
     def _default_path(self, inputs):
         if self.fallback is None:
             logger.warning("zen_woq: more than %d models share one graph; the rest run on the default path", MAX_VARIANTS)
-            options = Options(kernel=DEFAULT, inductor_config=self.options.inductor_config)
-            gm, report, _ = rewrite(_copy(self.original), inputs, options)
-            report_module.record(report)
-            self.fallback = compile_fx(gm, inputs, config_patches=dict(options.inductor_config))
+            self.fallback, _ = self._compile(inputs, dataclasses.replace(self.options, kernel=DEFAULT))
         return self.fallback
 
     def __call__(self, *args):

@@ -25,6 +25,8 @@ def gptq_int4_reason(layer: QuantizedLinear) -> str | None:
         return f"in_features {layer.in_features} is not divisible by {layer.num_groups} groups"
     if layer.weights_require_grad:
         return "weights require grad in this compile (training?); compile under torch.no_grad() or inference_mode()"
+    if layer.activation_requires_grad:
+        return "activations require grad (training?): the 4-bit kernels have no backward"
     return None
 
 

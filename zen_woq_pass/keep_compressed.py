@@ -22,7 +22,6 @@ from zen_woq_pass import ct_format
 logger = logging.getLogger(__name__)
 
 
-
 class PackedForward:
     """Mixed in before a Linear class: unpack, dequantize and multiply on every call.
 
@@ -61,23 +60,65 @@ def _remove_decompress_hook(model: torch.nn.Module) -> bool:
     return True
 
 
+def check_packed_tensors(name: str, module: torch.nn.Linear, args) -> None:
+    """Raise ``ValueError`` naming the layer when its packed tensors do not fit its shape and its
+    quantization args (``scheme.weights``): a bad checkpoint must fail here, with a reason, never
+    deep in a kernel or as silent garbage."""
+    out_features, in_features, num_bits = module.out_features, module.in_features, args.num_bits
+    packed, scale = module.weight_packed, module.weight_scale
+    zero_point, g_idx = getattr(module, "weight_zero_point", None), getattr(module, "weight_g_idx", None)
+    words = -(-in_features * num_bits // 32)
+    problems = []
+    if packed.dtype != torch.int32:
+        problems.append(f"weight_packed is stored as {packed.dtype}, expected int32")
+    if tuple(packed.shape) != (out_features, words):
+        problems.append(f"weight_packed has shape {tuple(packed.shape)}, expected ({out_features}, {words})")
+    shape = getattr(module, "weight_shape", None)
+    if shape is not None and shape.numel() == 2 and tuple(shape.tolist()) != (out_features, in_features):
+        problems.append(f"weight_shape says {tuple(shape.tolist())}, the layer is ({out_features}, {in_features})")
+    if scale.dim() != 2 or scale.shape[0] != out_features:
+        problems.append(f"weight_scale has shape {tuple(scale.shape)}, expected ({out_features}, groups)")
+    elif args.strategy == "group" and scale.shape[1] != -(-in_features // args.group_size):
+        problems.append(
+            f"weight_scale has {scale.shape[1]} groups, group size {args.group_size} over {in_features} inputs makes "
+            f"{-(-in_features // args.group_size)}"
+        )
+    elif g_idx is None and in_features % scale.shape[1]:
+        problems.append(f"in_features {in_features} is not divisible into {scale.shape[1]} scale groups")
+    if scale.is_floating_point() and not torch.isfinite(scale).all():
+        problems.append("weight_scale holds NaN or Inf")
+    if zero_point is not None and scale.dim() == 2:
+        rows = -(-out_features * num_bits // 32)
+        if zero_point.dtype != torch.int32 or tuple(zero_point.shape) != (rows, scale.shape[1]):
+            problems.append(
+                f"weight_zero_point is {zero_point.dtype} {tuple(zero_point.shape)}, expected int32 ({rows}, {scale.shape[1]})"
+            )
+    if g_idx is not None and scale.dim() == 2:
+        if g_idx.shape != (in_features,) or g_idx.min() < 0 or g_idx.max() >= scale.shape[1]:
+            problems.append(f"weight_g_idx is not a map of {in_features} input columns to {scale.shape[1]} groups")
+    if problems:
+        raise ValueError(f"{name or type(module).__name__}: bad compressed-tensors checkpoint: " + "; ".join(problems))
+
+
 def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
     """Stop compressed-tensors' decompress-on-first-forward; compute from packed weights instead.
 
     Idempotent, in place, returns ``model``. Packed tensors are inference constants: their
     ``requires_grad`` is cleared. Layers whose bit width does not divide 32 (3, 5, 6, 7 bits:
     values straddle words) are decompressed by compressed-tensors itself, with a log line.
-    Raises ``ValueError`` naming the layer when it is already decompressed.
+    Raises ``ValueError`` naming the layer when its packed tensors do not fit it (a bad
+    checkpoint), or when a module holds ``weight_packed`` but is no compressed-tensors Linear.
     """
     if _remove_decompress_hook(model):
         logger.info("zen_woq: removed compressed-tensors' decompress-on-first-forward hook")
     for name, module in model.named_modules():
-        if isinstance(module, PackedForward) or not hasattr(module, "weight_packed"):
-            continue
+        if hasattr(module, "zen_woq_num_bits") or not hasattr(module, "weight_packed"):
+            continue  # kept already (or released), or not packed
         scheme = getattr(module, "quantization_scheme", None)
         if not isinstance(module, torch.nn.Linear) or scheme is None or scheme.weights is None:
             raise ValueError(f"{name}: has weight_packed but is not a compressed-tensors quantized Linear")
         num_bits = scheme.weights.num_bits
+        check_packed_tensors(name, module, scheme.weights)
         if 32 % num_bits:
             from compressed_tensors.compressors import decompress_module
 

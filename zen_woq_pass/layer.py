@@ -38,6 +38,7 @@ class QuantizedLinear:
     has_bias: bool
     activation_dtype: torch.dtype
     weights_require_grad: bool
+    activation_requires_grad: bool = False
 
     @property
     def group_size(self) -> int | None:

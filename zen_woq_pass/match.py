@@ -101,6 +101,7 @@ def find_quantized_linears(gm: fx.GraphModule, values: dict[fx.Node, object]) ->
                 activation_dtype=match.activation.meta["example_value"].dtype,
                 weights_require_grad=torch.is_grad_enabled()
                 and any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaf_values.values()),
+                activation_requires_grad=torch.is_grad_enabled() and match.activation.meta["example_value"].requires_grad,
             )
         except NotRecoverable as error:
             match.reason = str(error)

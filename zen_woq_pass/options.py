@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from zen_woq_pass.kernels import KERNELS
+from zen_woq_pass.kernels import CHAIN, KERNELS
 
 ENV_KERNEL = "ZEN_WOQ_KERNEL"
 AUTO = "auto"
@@ -34,6 +34,11 @@ class Options:
         options = dict(options or {})
         kernel = options.pop("kernel", None) or os.environ.get(ENV_KERNEL) or AUTO
         return cls(kernel=kernel, inductor_config=tuple(sorted(options.items())))
+
+    @property
+    def kernels(self) -> tuple:
+        """The kernels to try, in order."""
+        return CHAIN if self.kernel == AUTO else () if self.kernel == DEFAULT else (KERNELS[self.kernel],)
 
     @property
     def forced(self) -> bool:

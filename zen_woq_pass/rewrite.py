@@ -21,9 +21,8 @@ import torch
 import torch.fx as fx
 
 from zen_woq_pass import packed_constants, selfcheck
-from zen_woq_pass.kernels import CHAIN, KERNELS
 from zen_woq_pass.match import Match, find_quantized_linears
-from zen_woq_pass.options import AUTO, DEFAULT, Options
+from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass.report import DEFAULT_PATH, LayerDecision, Report
 
 logger = logging.getLogger(__name__)
@@ -34,10 +33,9 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     values were folded in (the compiled code is valid only for those same tensors)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
-    kernels = CHAIN if options.kernel == AUTO else () if options.kernel == DEFAULT else (KERNELS[options.kernel],)
     decisions, folded, module_bytes = [], set(), 0
     for match in find_quantized_linears(gm, values):
-        kernel, reasons = _replace(gm, match, values, kernels, options)
+        kernel, reasons = _replace(gm, match, values, options)
         decisions.append(_decision(match, kernel, reasons))
         if kernel is not None:
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
@@ -50,7 +48,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     return gm, Report(options.kernel, decisions, gm, module_bytes, constant_bytes), tuple(sorted(folded))
 
 
-def _replace(gm, match: Match, values, kernels, options):
+def _replace(gm, match: Match, values, options: Options):
     """Try each kernel on one layer; on the first that passes, splice it in. -> (kernel | None, reasons)."""
     if match.layer is None:
         return None, (match.reason,)
@@ -61,7 +59,7 @@ def _replace(gm, match: Match, values, kernels, options):
     reasons = []
     if options.kernel == DEFAULT:
         reasons.append("kernel='default' was asked for")
-    for kernel in kernels:
+    for kernel in options.kernels:
         reason = kernel.platform_reason(options.forced) or kernel.layer_reason(match.layer)
         if reason is None:
             key = (kernel.name, match.layer.activation_dtype)

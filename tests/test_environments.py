@@ -1,0 +1,63 @@
+"""Wrong environments: no zentorch, other model dtypes, training. Each compiles and runs correctly
+on whatever path is left, and the report (or ``zen-woq doctor``) says why."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
+from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, run_compiled
+
+import zen_woq_pass
+
+
+def test_without_zentorch_auto_uses_aten_int4_and_doctor_says_why(checkpoints):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["zentorch"] = None  # as if not installed: importing it raises ImportError
+        import torch, zen_woq_pass
+        from zen_woq_pass import doctor
+        from transformers import AutoModelForCausalLM
+        model = zen_woq_pass.keep_compressed(AutoModelForCausalLM.from_pretrained({str(checkpoints("llama_sym_g128"))!r}, dtype=torch.bfloat16))
+        with torch.no_grad():
+            torch.compile(model, backend="zen_woq")(torch.randint(3, 256, (1, 6)))
+        report = zen_woq_pass.last_report()
+        print("KERNELS", sorted(report.by_kernel()))
+        print("REASON", report.layers[0].reason)
+        lines, verdict = doctor.report()
+        print("VERDICT", verdict)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ")[0] in ("KERNELS", "REASON", "VERDICT"))
+    assert out["KERNELS"] == "['aten-int4']"
+    assert out["REASON"].startswith("zentorch: zentorch is not importable")
+    assert "uses aten-int4 here" in out["VERDICT"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_model_dtypes_skip_zentorch_and_stay_correct(checkpoints, dtype):
+    path = checkpoints("qwen2_asym_bias")
+    model = load(path, dtype=dtype)
+    with torch.no_grad():
+        eager = model(INPUT_IDS).logits
+    compiled = run_compiled(model, None)
+    report = zen_woq_pass.last_report()
+    assert set(report.by_kernel()) == {"aten-int4"}
+    assert all(f"activations are {dtype}; zentorch WOQ takes bfloat16 only" in d.reason for d in report.layers)
+    assert_close_to_reference(compiled, eager, fp32_reference(path), MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB)
+
+
+def test_training_mode_with_grads_stays_on_the_default_path_and_backpropagates(checkpoints):
+    model = load(checkpoints("llama_sym_g128")).train()
+    compiled = torch.compile(model, backend="zen_woq")
+    logits = compiled(INPUT_IDS).logits  # grad mode on: hidden states require grad
+    logits.float().logsumexp(-1).mean().backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    report = zen_woq_pass.last_report()
+    assert set(report.by_kernel()) == {"default"}
+    assert all("no backward" in d.reason for d in report.layers)
