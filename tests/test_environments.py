@@ -61,3 +61,25 @@ def test_training_mode_with_grads_stays_on_the_default_path_and_backpropagates(c
     report = zen_woq_pass.last_report()
     assert set(report.by_kernel()) == {"default"}
     assert all("no backward" in d.reason for d in report.layers)
+
+
+def test_zentorch_for_another_torch_minor_is_refused(checkpoints, tmp_path):
+    """A zentorch wheel built for torch 2.14 beside torch 2.13: loads a subset, no WOQ ops."""
+    other = tmp_path / "site" / "zentorch"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text('__version__ = "2.14.0.1"\n')
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path / "site")!r})
+        import torch, zen_woq_pass
+        from zen_woq_pass.checkpoints import packed_linear
+        with torch.no_grad():
+            torch.compile(torch.nn.Sequential(packed_linear(64, 256)), backend="zen_woq")(torch.randn(2, 256).to(torch.bfloat16))
+        print("DECISION", zen_woq_pass.last_report().layers[0].kernel, "|", zen_woq_pass.last_report().layers[0].reason)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decision = next(line for line in done.stdout.splitlines() if line.startswith("DECISION"))
+    assert "aten-int4 | zentorch: zentorch 2.14.0.1 is built for another torch minor version" in decision
