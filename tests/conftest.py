@@ -12,12 +12,13 @@ Tolerances used across the suite:
 
 import os
 
-os.environ.setdefault("ZENDNNL_MATMUL_ALGO", "9")  # zen_woq_pass.platform.ZENDNN_REFERENCE_ALGO
+from zen_woq_pass import platform  # does not import zentorch
+
+os.environ.setdefault("ZENDNNL_MATMUL_ALGO", platform.ZENDNN_REFERENCE_ALGO)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from zen_woq_pass import platform  # noqa: E402
 from zen_woq_pass.checkpoints import Recipe, make_checkpoint  # noqa: E402
 
 MODEL_SQNR_DB = 35.0

@@ -48,10 +48,7 @@ def report() -> tuple[list[str], str]:
         result = "passed (within the bf16 bound of the fp32 reference)" if decision.kernel == kernel.name else decision.reason
         lines.append(f"self-check   : {kernel.name}: {result}")
     auto = probe("auto")
-    if auto.kernel == CHAIN[0].name:
-        verdict = f"OK: kernel='auto' uses {auto.kernel} here. Next: `zen-woq run`."
-    elif auto.kernel != DEFAULT_PATH:
-        verdict = f"OK: kernel='auto' uses {auto.kernel} here (not {auto.reason}). Next: `zen-woq run`."
-    else:
-        verdict = f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."
-    return lines, verdict
+    if auto.kernel == DEFAULT_PATH:
+        return lines, f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."
+    passed_over = f" (not {auto.reason})" if auto.reasons else ""
+    return lines, f"OK: kernel='auto' uses {auto.kernel} here{passed_over}. Next: `zen-woq run`."

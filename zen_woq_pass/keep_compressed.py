@@ -21,6 +21,8 @@ from zen_woq_pass import ct_format
 
 logger = logging.getLogger(__name__)
 
+PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+
 
 class PackedForward:
     """Mixed in before a Linear class: unpack, dequantize and multiply on every call.
@@ -125,7 +127,7 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
             logger.info("zen_woq: %s: %d-bit values straddle int32 words; decompressing it", name, num_bits)
             decompress_module(module)
             continue
-        for tensor_name in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
+        for tensor_name in PACKED_TENSOR_NAMES:
             tensor = getattr(module, tensor_name, None)
             if tensor is not None:
                 tensor.requires_grad_(False)

@@ -15,10 +15,8 @@ import functools
 import torch
 
 from zen_woq_pass import packed_constants
-from zen_woq_pass.keep_compressed import PackedForward
+from zen_woq_pass.keep_compressed import PACKED_TENSOR_NAMES, PackedForward
 from zen_woq_pass.kernels import KERNELS
-
-COMPRESSED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
 
 class KernelForward:
@@ -47,7 +45,7 @@ def release_module_weights(model: torch.nn.Module, activation_dtype: torch.dtype
         if found is None:
             continue  # on the default path: the module's weights are the only copy
         kernel, constants = found
-        for name in COMPRESSED_TENSORS:
+        for name in PACKED_TENSOR_NAMES:
             tensor = getattr(module, name, None)
             if tensor is not None:
                 released += tensor.numel() * tensor.element_size()
