@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import zen_woq_pass
-from zen_woq_pass import ct_format, platform
+from zen_woq_pass import platform
 from zen_woq_pass.checkpoints import packed_linear
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.measure import median_ms, read_bandwidth_gbs
@@ -32,11 +32,6 @@ SHAPES = {  # name: (out_features, in_features), Llama-3-8B
 GROUP_SIZE = 128
 
 
-def _dense(layer):
-    q = ct_format.unpack_weight(layer.weight_packed, 4, layer.in_features)
-    return ct_format.dequantize(q, layer.weight_scale).to(torch.bfloat16)
-
-
 def _compiled(module, x, **kwargs):
     torch._dynamo.reset()
     compiled = torch.compile(module, dynamic=False, **kwargs)
@@ -47,10 +42,10 @@ def _compiled(module, x, **kwargs):
 
 def _paths(layer, x):
     """name -> (callable, weight bytes) or (None, why it cannot run here)."""
-    dense = _dense(layer)
+    dense = layer.dequantized_weight().to(torch.bfloat16)
     dense32 = dense.float()
     x32 = x.float()
-    four_bit = layer.weight_packed.numel() * 4 + layer.weight_scale.numel() * 2
+    four_bit = layer.weight_packed.nbytes + layer.weight_scale.nbytes
     inductor = _compiled(layer, x)
     paths = {
         "eager CT": (lambda: layer(x), four_bit),
@@ -63,9 +58,9 @@ def _paths(layer, x):
         with torch._inductor.config.patch(freezing=True):
             return frozen(x)
 
-    paths["inductor+freezing"] = (frozen_call, dense.numel() * 2)
-    paths["dense bf16"] = (lambda: F.linear(x, dense), dense.numel() * 2)
-    paths["dense fp32"] = (lambda: F.linear(x32, dense32), dense.numel() * 4)
+    paths["inductor+freezing"] = (frozen_call, dense.nbytes)
+    paths["dense bf16"] = (lambda: F.linear(x, dense), dense.nbytes)
+    paths["dense fp32"] = (lambda: F.linear(x32, dense32), dense32.nbytes)
     for kernel in CHAIN:
         compiled = _compiled(layer, x, backend="zen_woq", options={"kernel": kernel.name})
         decision = zen_woq_pass.last_report().layers[0]

@@ -12,15 +12,12 @@ SCRIPT = textwrap.dedent(
     import sys, torch, zen_woq_pass
     from zen_woq_pass.checkpoints import packed_linear
     from zen_woq_pass.numerics import worst_excess
-    from zen_woq_pass import ct_format
     seed, kernel = int(sys.argv[1]), sys.argv[2]
     linear = packed_linear(128, 256, 64, zero_point=True, bias=True, seed=seed)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
         y = torch.compile(torch.nn.Sequential(linear), backend="zen_woq", options={"kernel": kernel})(x)
-    q = ct_format.unpack_weight(linear.weight_packed, 4, 256)
-    zp = ct_format.unpack_zero_point(linear.weight_zero_point, 4, 128)
-    exact = ct_format.dequantize(q, linear.weight_scale.float(), zp)
+    exact = linear.dequantized_weight(torch.float32)
     from torch._dynamo.utils import counters
     print("KERNEL", zen_woq_pass.last_report().layers[0].kernel)
     print("EXCESS", worst_excess(y, x, exact, linear.bias))

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zen_woq_pass
-from zen_woq_pass import ct_format, numerics
+from zen_woq_pass import numerics
 from zen_woq_pass.checkpoints import packed_linear
 from zen_woq_pass.kernels import CHAIN
 
@@ -31,8 +31,4 @@ def test_compiled_layer_matches_fp32_reference(layer, rows, seed, kernel):
         y = torch.compile(torch.nn.Sequential(linear), backend="zen_woq", options={"kernel": kernel})(x)
     [decision] = zen_woq_pass.last_report().layers
     assert decision.kernel == kernel, decision.reason
-    q = ct_format.unpack_weight(linear.weight_packed, 4, in_features)
-    zp = getattr(linear, "weight_zero_point", None)
-    zp = ct_format.unpack_zero_point(zp, 4, out_features) if zp is not None else None
-    exact = ct_format.dequantize(q, linear.weight_scale.float(), zp)
-    assert numerics.worst_excess(y, x, exact, linear.bias) <= 1.0
+    assert numerics.worst_excess(y, x, linear.dequantized_weight(torch.float32), linear.bias) <= 1.0

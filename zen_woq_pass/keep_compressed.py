@@ -33,13 +33,18 @@ class PackedForward:
 
     zen_woq_num_bits: int
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def dequantized_weight(self, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense [out, in] weight, computed in ``scale_dtype`` (the checkpoint's scale dtype by
+        default, as compressed-tensors does; float32 gives the exact reference)."""
         q = ct_format.unpack_weight(self.weight_packed, self.zen_woq_num_bits, self.in_features)
         zero_point = getattr(self, "weight_zero_point", None)
         if zero_point is not None:
             zero_point = ct_format.unpack_zero_point(zero_point, self.zen_woq_num_bits, self.out_features)
-        weight = ct_format.dequantize(q, self.weight_scale, zero_point, getattr(self, "weight_g_idx", None))
-        return F.linear(input, weight.to(input.dtype), self.bias)
+        scale = self.weight_scale if scale_dtype is None else self.weight_scale.to(scale_dtype)
+        return ct_format.dequantize(q, scale, zero_point, getattr(self, "weight_g_idx", None))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.dequantized_weight().to(input.dtype), self.bias)
 
 
 class PackedLinear(PackedForward, torch.nn.Linear):

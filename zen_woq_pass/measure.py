@@ -27,7 +27,7 @@ def median_ms(fn, min_seconds: float = 0.3, min_runs: int = 5, max_runs: int = 2
 def read_bandwidth_gbs(megabytes: int = 256) -> float:
     """Memory read bandwidth (GB/s): summing a tensor much larger than the caches."""
     data = torch.ones(megabytes * 2**20 // 4)
-    return data.numel() * 4 / median_ms(lambda: data.sum(), min_runs=5) / 1e6
+    return data.nbytes / median_ms(lambda: data.sum(), min_runs=5) / 1e6
 
 
 def rss_mb() -> float:
@@ -41,7 +41,7 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            total += sum(t.numel() * t.element_size() for n, t in module.named_parameters() if n.startswith("weight"))
+            total += sum(t.nbytes for n, t in module.named_parameters() if n.startswith("weight"))
     return total
 
 

@@ -48,7 +48,7 @@ def release_module_weights(model: torch.nn.Module, activation_dtype: torch.dtype
         for name in PACKED_TENSOR_NAMES:
             tensor = getattr(module, name, None)
             if tensor is not None:
-                released += tensor.numel() * tensor.element_size()
+                released += tensor.nbytes
                 tensor.data = torch.empty(0, dtype=tensor.dtype)
         module.zen_woq_kernel, module.zen_woq_constants = kernel, constants
         module.__class__ = _kernel_class(type(module))

@@ -39,12 +39,12 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
         decisions.append(_decision(match, kernel, reasons))
         if kernel is not None:
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
-            module_bytes += sum(t.numel() * t.element_size() for t in match.constant_values)
+            module_bytes += sum(t.nbytes for t in match.constant_values)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     for decision in decisions:
         logger.info("zen_woq: %s -> %s%s", decision.module_path, decision.kernel, f" ({decision.reason})" if decision.reasons else "")
-    constant_bytes = sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith("zen_woq_"))
+    constant_bytes = sum(b.nbytes for name, b in gm.named_buffers() if name.startswith("zen_woq_"))
     return gm, Report(options.kernel, decisions, gm, module_bytes, constant_bytes), tuple(sorted(folded))
 
 
