@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import zen_woq_pass
 from zen_woq_pass import platform
-from zen_woq_pass.checkpoints import packed_linear
+from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.measure import median_ms, read_bandwidth_gbs
 

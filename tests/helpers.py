@@ -26,12 +26,25 @@ def run_compiled(model, options=None, input_ids=INPUT_IDS, **compile_kwargs):
         return compiled(input_ids).logits
 
 
-def call_targets(report) -> list[str]:
-    return [str(n.target) for n in report.graph_module.graph.nodes if n.op == "call_function"]
-
-
 def count(report, fragment: str) -> int:
-    return sum(fragment in target for target in call_targets(report))
+    return report.count_calls(fragment)
+
+
+def rewritten_graphs(model, options=None, input_ids=INPUT_IDS) -> list:
+    """The graphs the pass hands to Inductor, for tests that read node arguments."""
+    from zen_woq_pass.options import Options
+    from zen_woq_pass.rewrite import rewrite
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        gm, _, _, _ = rewrite(gm, example_inputs, Options.from_user(options))
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(input_ids)
+    return graphs
 
 
 EAGER_SQNR_CAP_DB = 60.0  # an fp32 model's eager output *is* the reference (inf dB): do not demand exactness

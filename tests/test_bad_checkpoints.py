@@ -11,7 +11,7 @@ from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, 
 from safetensors.torch import load_file, save_file
 
 from zen_woq_pass import ct_format
-from zen_woq_pass.checkpoints import packed_linear
+from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.keep_compressed import keep_compressed
 
 LAYER = "model.layers.0.self_attn.q_proj"

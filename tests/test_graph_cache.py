@@ -10,17 +10,17 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import sys, torch, zen_woq_pass
-    from zen_woq_pass.checkpoints import packed_linear
+    from zen_woq_pass.probe import packed_linear
     from zen_woq_pass.numerics import worst_excess
     seed, kernel = int(sys.argv[1]), sys.argv[2]
     linear = packed_linear(128, 256, 64, zero_point=True, bias=True, seed=seed)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact, bias = linear.dequantized_weight(torch.float32), linear.bias  # before: compiling converts the layer
     with torch.no_grad():
         y = torch.compile(torch.nn.Sequential(linear), backend="zen_woq", options={"kernel": kernel})(x)
-    exact = linear.dequantized_weight(torch.float32)
     from torch._dynamo.utils import counters
     print("KERNEL", zen_woq_pass.last_report().layers[0].kernel)
-    print("EXCESS", worst_excess(y, x, exact, linear.bias))
+    print("EXCESS", worst_excess(y, x, exact, bias))
     print("CACHE", dict(counters["inductor"]).get("fxgraph_cache_hit", 0))
     """
 )

@@ -1,5 +1,6 @@
 """keep_compressed: no decompression, bit-exact eager reference, idempotent, traceable."""
 
+import pytest
 import torch
 from helpers import INPUT_IDS, load
 
@@ -15,16 +16,27 @@ def test_eager_is_bit_exact_with_compressed_tensors_decompression(checkpoints):
         assert torch.equal(kept, decompressed)
 
 
-def test_weights_stay_packed_through_forward_and_compile(checkpoints):
+def test_weights_stay_packed_through_eager_forwards_and_go_to_the_kernel_on_compile(checkpoints):
     model = load(checkpoints("llama_sym_g128"))
     assert not hasattr(model, "ct_decompress_hook")
+    q_proj = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         model(INPUT_IDS)
+        model(INPUT_IDS)
+        assert q_proj.weight_packed.dtype == torch.int32 and q_proj.weight_packed.shape == (256, 32)
+        assert not hasattr(q_proj, "weight")
         torch.compile(model, backend="zen_woq")(INPUT_IDS)
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert q_proj.weight_packed.dtype == torch.int32 and q_proj.weight_packed.shape == (256, 32)
-    assert not hasattr(q_proj, "weight")
-    assert "weight_packed" in dict(model.named_parameters()) or "model.layers.0.self_attn.q_proj.weight_packed" in model.state_dict()
+    assert q_proj.weight_packed.numel() == 0  # one copy: the kernel's
+    assert q_proj.zen_woq_decision.kernel in ("zentorch", "aten-int4")
+    assert {name for name, _ in q_proj.named_buffers()} >= {"zen_woq_weight"}
+
+
+def test_a_model_transformers_already_decompressed_is_refused_with_what_to_do(checkpoints):
+    model = load(checkpoints("llama_sym_g128"), keep=False)
+    with torch.no_grad():
+        model(INPUT_IDS)  # transformers decompresses on the first forward
+    with pytest.raises(ValueError, match="already decompressed .* before running the model"):
+        zen_woq_pass.keep_compressed(model)
 
 
 def test_idempotent_and_still_a_linear(checkpoints):

@@ -10,7 +10,7 @@ from helpers import count
 
 import zen_woq_pass
 from zen_woq_pass import ct_format, numerics
-from zen_woq_pass.checkpoints import packed_linear
+from zen_woq_pass.probe import packed_linear
 
 ARGS = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=64)
 
@@ -59,19 +59,20 @@ def test_fake_quant_form_is_matched_and_rewritten():
     assert numerics.worst_excess(y, x, module.exact) <= 1.0
 
 
-def _assert_left_on_the_default_path(module, reason):
+def _assert_refused(module, reason, kernel="default"):
     x = torch.randn(3, 256).to(torch.bfloat16)
     with torch.no_grad():
         eager = module(x)
     y = _compile(module, x)
     [decision] = zen_woq_pass.last_report().layers
-    assert decision.kernel == "default" and reason in decision.reason
+    assert decision.kernel == kernel and reason in decision.reason
     assert torch.allclose(y.float(), eager.float(), rtol=2**-7, atol=1e-2)
 
 
-def test_g_idx_layer_is_rejected_with_its_reason_and_stays_correct():
+def test_g_idx_layer_is_refused_by_4_bit_kernels_with_its_reason_and_folded_dense():
     g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(1)) // 64
-    _assert_left_on_the_default_path(_packed_linear(g_idx=g_idx.to(torch.int32)), "activation re-ordering")
+    _assert_refused(_packed_linear(g_idx=g_idx.to(torch.int32)), "activation re-ordering", kernel="dense")
+    assert zen_woq_pass.last_report().count_calls("rshift") == 0
 
 
 def test_a_look_alike_that_is_not_dequantization_is_left_alone():
@@ -85,7 +86,7 @@ def test_a_look_alike_that_is_not_dequantization_is_left_alone():
             q = ct_format.unpack_weight(m.weight_packed, 4, 256)
             return F.linear(x, ct_format.dequantize(q, m.weight_scale * 2))  # not what CT computes
 
-    _assert_left_on_the_default_path(Doubled(), "not compressed-tensors dequantization")
+    _assert_refused(Doubled(), "not compressed-tensors dequantization")
 
 
 @pytest.mark.parametrize("kernel", ["zentorch", "default"])
@@ -100,25 +101,29 @@ def test_two_models_sharing_a_graph_keep_their_own_constants(kernel):
     assert not torch.allclose(expected[0], expected[1])
 
 
-def test_a_replaced_parameter_gets_a_new_variant_not_stale_constants():
-    first, second = _packed_linear(seed=0), _packed_linear(seed=1)
-    x = torch.randn(2, 256).to(torch.bfloat16)
-    compiled = torch.compile(first, backend="zen_woq", options={"kernel": "zentorch"})
+def test_each_layer_is_analysed_once_however_many_graphs(monkeypatch):
+    from zen_woq_pass import match
+
+    recovered = []
+    real = match.recover
+    monkeypatch.setattr("zen_woq_pass.rewrite.recover", lambda gm, m: recovered.append(m.module_path) or real(gm, m))
+    module = _packed_linear()
+    compiled = torch.compile(module, backend="zen_woq", options={"kernel": "default"}, dynamic=False)
     with torch.no_grad():
-        compiled(x)
-        for name in ("weight_packed", "weight_scale", "weight_zero_point"):
-            setattr(first[0], name, getattr(second[0], name))
-        y, want = compiled(x), second(x)
-    assert torch.allclose(y.float(), want.float(), rtol=2**-7, atol=2e-2)
+        for rows in (1, 4, 7):  # three shapes: three graphs, each matching the layer again
+            compiled(torch.randn(rows, 256).to(torch.bfloat16))
+    assert len(zen_woq_pass.recent_reports()) == 3
+    assert recovered == ["0"]
 
 
-def test_graphs_compiled_from_the_same_weights_share_packed_constants():
+def test_compiled_layers_hold_their_constants_once_across_graphs():
     module = _packed_linear()
     compiled = torch.compile(module, backend="zen_woq", options={"kernel": "aten-int4"}, dynamic=False)
-    constants = []
     with torch.no_grad():
-        for rows in (1, 4):  # two shapes: two graphs
+        for rows in (1, 4):  # two shapes: two graphs, the second on the converted module
             compiled(torch.randn(rows, 256).to(torch.bfloat16))
-            gm = zen_woq_pass.last_report().graph_module
-            constants.append({name: buffer.data_ptr() for name, buffer in gm.named_buffers()})
-    assert constants[0] and constants[0] == constants[1]
+    first, second = zen_woq_pass.recent_reports()
+    assert first.count_calls("int4pack") == second.count_calls("int4pack") == 1
+    assert module[0].weight_packed.numel() == 0  # the checkpoint's copy is gone
+    buffers = dict(module[0].named_buffers())
+    assert zen_woq_pass.plan.held_bytes() == sum(b.nbytes for b in buffers.values()) > 0

@@ -1,12 +1,14 @@
-"""End to end on real llmcompressor checkpoints: compiled logits vs the fp32 reference, and
-exactly the eligible layers rewritten to zentorch_woq_linear with no per-call unpack left."""
+"""End to end on real llmcompressor checkpoints: compiled logits vs the fp32 reference, exactly
+the eligible layers rewritten to the 4-bit kernel, the rest folded to dense constants, and no
+per-call unpack left for any of them."""
 
 import pytest
 import torch
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB, zentorch_cpu_ok
-from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled
+from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, rewritten_graphs, run_compiled
 
 import zen_woq_pass
+from zen_woq_pass import platform
 
 # name -> (quantized linears, of which eligible for the 4-bit kernel)
 EXPECTED = {
@@ -40,16 +42,22 @@ def test_forced_kernel_rewrites_exactly_the_eligible_layers(checkpoints, name, k
     assert len(report.by_kernel().get(kernel, [])) == eligible
     for other_kernel, call in KERNEL_CALLS.items():
         assert count(report, call) == (eligible if other_kernel == kernel else 0)
-    # the per-call unpack (shift) survives only for layers left on the default path
-    assert count(report, "rshift") == quantized - eligible
+    assert count(report, "rshift") == 0  # no per-call unpack left, for any quantized layer
     for decision in report.layers:
-        if decision.kernel != kernel:
-            assert decision.kernel == "default" and f"{kernel}: 8-bit weights" in decision.reason
+        if decision.kernel != kernel:  # what the 4-bit kernel refuses is folded once, never unpacked per call
+            assert decision.kernel == "dense" and f"{kernel}: 8-bit weights" in decision.reason
+
+
+def test_kernel_default_replaces_nothing(checkpoints):
+    report = _compile_and_check(checkpoints("llama_sym_g128"), {"kernel": "default"})
+    assert set(report.by_kernel()) == {"default"} and count(report, "rshift") == 14
 
 
 def test_zero_points_and_bias_reach_the_kernel(checkpoints):
-    report = _compile_and_check(checkpoints("qwen2_asym_bias"), {"kernel": "zentorch"})
-    calls = [n for n in report.graph_module.graph.nodes if "zentorch_woq_linear" in str(n.target)]
+    _compile_and_check(checkpoints("qwen2_asym_bias"), {"kernel": "zentorch"})
+    [graph] = rewritten_graphs(load(checkpoints("qwen2_asym_bias")), {"kernel": "zentorch"})
+    calls = [n for n in graph.graph.nodes if "zentorch_woq_linear" in str(n.target)]
+    assert len(calls) == 14
     assert all(n.args[3] is not None for n in calls), "asymmetric layers must pass zero points"
     with_bias = [n for n in calls if n.args[4] is not None]
     assert len(with_bias) == 6  # q/k/v of two Qwen2 layers
@@ -61,7 +69,7 @@ def test_auto_follows_the_platform_gate_here(checkpoints):
         assert report.by_kernel() == {"zentorch": [d.module_path for d in report.layers]}
     else:
         assert set(report.by_kernel()) == {"aten-int4"}
-        assert all("AVX512-BF16" in d.reason for d in report.layers)
+        assert all(d.reason == f"zentorch: {platform.zentorch_cpu_reason()}" for d in report.layers)
 
 
 def test_auto_on_zen3_falls_through_to_the_aten_int4_kernel(checkpoints, zen3_cpu):
@@ -72,24 +80,29 @@ def test_auto_on_zen3_falls_through_to_the_aten_int4_kernel(checkpoints, zen3_cp
         assert decision.reason.startswith("zentorch: Zen 3 CPU lacks") and "avx512_bf16" in decision.reason
 
 
-def test_auto_leaves_8_bit_layers_on_the_default_path_with_each_kernels_reason(checkpoints):
+def test_auto_folds_8_bit_layers_to_dense_constants_with_each_kernels_reason(checkpoints):
     report = _compile_and_check(checkpoints("llama_w8a16"), None)
-    assert set(report.by_kernel()) == {"default"}
-    assert count(report, "rshift") == 14
+    assert set(report.by_kernel()) == {"dense"}
+    assert count(report, "rshift") == 0
     for decision in report.layers:
         assert "aten-int4: 8-bit weights" in decision.reason
+    assert "held dense" in report.memory_note
 
 
-def test_forced_zentorch_on_zen3_is_still_checked_and_correct(checkpoints, zen3_cpu):
-    # The gate's CPU check is skipped when forced; the self-check decides (ALGO=9 makes it pass).
+def test_forced_zentorch_on_zen3_needs_the_reference_algorithm_and_is_correct(checkpoints, zen3_cpu):
+    # Forced, the CPU gate gives way only to ZenDNN's reference algorithm; the self-check then decides.
     report = _compile_and_check(checkpoints("llama_sym_g128"), {"kernel": "zentorch"})
-    assert len(report.by_kernel()["zentorch"]) == 14
+    if platform.zendnn_reference_algorithm():
+        assert len(report.by_kernel()["zentorch"]) == 14
+    else:
+        assert set(report.by_kernel()) == {"dense"}
+        assert all("needs ZENDNNL_MATMUL_ALGO=9" in d.reason for d in report.layers)
 
 
 def test_env_var_selects_the_kernel(checkpoints, monkeypatch):
-    monkeypatch.setenv("ZEN_WOQ_KERNEL", "default")
+    monkeypatch.setenv("ZEN_WOQ_KERNEL", "aten-int4")
     report = _compile_and_check(checkpoints("llama_sym_g128"), None)
-    assert set(report.by_kernel()) == {"default"}
+    assert set(report.by_kernel()) == {"aten-int4"}
     assert count(report, "zentorch_woq_linear") == 0
 
 
@@ -105,15 +118,28 @@ def test_fullgraph_has_no_graph_breaks(checkpoints):
     assert len(zen_woq_pass.last_report().layers) == 14
 
 
-def test_inductor_options_pass_through(checkpoints):
+def test_inductor_options_and_modes_pass_through(checkpoints, monkeypatch):
+    import zen_woq_pass.backend as backend
+
+    patches = []
+    real = backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches) or real(gm, inputs, config_patches=config_patches))
     model = load(checkpoints("llama_sym_g128"))
     run_compiled(model, {"kernel": "zentorch", "freezing": True})
     assert len(zen_woq_pass.last_report().by_kernel()["zentorch"]) == 14
+    assert patches[-1] == {"freezing": True}
+    torch._dynamo.reset()
+    run_compiled(load(checkpoints("llama_sym_g128")), None, mode="max-autotune-no-cudagraphs")
+    assert patches[-1] == {"max_autotune": True, "coordinate_descent_tuning": True}
+    torch._dynamo.reset()
+    run_compiled(load(checkpoints("llama_sym_g128")), None, mode="reduce-overhead")  # CUDA graphs: none on CPU
+    assert patches[-1] == {}
 
 
 def test_report_prints_a_row_per_layer(checkpoints):
     report = _compile_and_check(checkpoints("llama_w8a16"), {"kernel": "zentorch"})
     text = str(report)
-    assert text.count("\n") == 1 + 14
+    assert text.count("\n") == 1 + 14 + 1  # title, header, a row per layer, the memory line
+    assert text.splitlines()[-1].startswith("memory: ")
     assert "model.layers.1.mlp.down_proj" in text and "8-bit weights" in text
     assert "<table>" in report._repr_html_()

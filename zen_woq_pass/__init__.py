@@ -1,15 +1,16 @@
-"""zen_woq_pass: a torch.compile backend for compressed-tensors W4A16 models on AMD EPYC CPUs.
+"""zen_woq_pass: compressed-tensors W4A16 models on AMD EPYC CPUs, at 4 bits, through torch.compile.
 
-    import torch, zen_woq_pass
-    model = zen_woq_pass.keep_compressed(model)     # keep the 4-bit weights packed
-    compiled = torch.compile(model, backend="zen_woq")
-    compiled(input_ids)
-    print(zen_woq_pass.last_report())               # per layer: which kernel, or why not
+    import zen_woq_pass
+    model = zen_woq_pass.optimize(model)            # a loaded compressed-tensors model
+    model.generate(input_ids, max_new_tokens=32)    # plain transformers from here on
+    print(model.zen_woq_report)                     # per layer: which kernel, or why not
+
+The lower level: ``keep_compressed(model)`` then ``torch.compile(model, backend="zen_woq")``.
 """
 
 from zen_woq_pass.backend import zen_woq
 from zen_woq_pass.keep_compressed import keep_compressed
-from zen_woq_pass.release import release_module_weights
+from zen_woq_pass.optimize import optimize
 from zen_woq_pass.report import last_report, recent_reports
 
-__all__ = ["keep_compressed", "last_report", "recent_reports", "release_module_weights", "zen_woq"]
+__all__ = ["keep_compressed", "last_report", "optimize", "recent_reports", "zen_woq"]

@@ -7,7 +7,7 @@ import os
 import torch
 
 from zen_woq_pass import platform
-from zen_woq_pass.checkpoints import packed_linear
+from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.report import DEFAULT_PATH, last_report
 

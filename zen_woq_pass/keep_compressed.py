@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 import torch.nn.functional as F
 
 from zen_woq_pass import ct_format
@@ -22,6 +24,15 @@ from zen_woq_pass import ct_format
 logger = logging.getLogger(__name__)
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+
+# a kept module's packed tensor -> the module (both weakly): the pass sees tensors, not modules
+_owners = WeakIdKeyDictionary()
+
+
+def owner(tensor: torch.Tensor) -> torch.nn.Module | None:
+    """The kept module that holds ``tensor``, if any."""
+    ref = _owners.get(tensor)
+    return ref() if ref is not None else None
 
 
 class PackedForward:
@@ -107,6 +118,24 @@ def check_packed_tensors(name: str, module: torch.nn.Linear, args) -> None:
         raise ValueError(f"{name or type(module).__name__}: bad compressed-tensors checkpoint: " + "; ".join(problems))
 
 
+def _refuse_decompressed(model: torch.nn.Module) -> None:
+    """A model that transformers already decompressed (it ran a forward) has nothing packed left
+    to keep: say so and what to do, rather than compile it densely without a word."""
+    decompressed = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "quantization_status", None), "value", None) == "decompressed"
+        and not hasattr(module, "weight_packed")
+    ]
+    if decompressed:
+        raise ValueError(
+            f"{decompressed[0]} (and {len(decompressed) - 1} more): transformers already decompressed this model to dense "
+            "weights on its first forward, so there is nothing packed to keep. Call keep_compressed(model) right after "
+            "from_pretrained, before running the model; zen_woq_pass.optimize(model) takes it as it is (it re-reads "
+            "decompressed layers at 4 bits)."
+        )
+
+
 def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
     """Stop compressed-tensors' decompress-on-first-forward; compute from packed weights instead.
 
@@ -114,10 +143,12 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
     ``requires_grad`` is cleared. Layers whose bit width does not divide 32 (3, 5, 6, 7 bits:
     values straddle words) are decompressed by compressed-tensors itself, with a log line.
     Raises ``ValueError`` naming the layer when its packed tensors do not fit it (a bad
-    checkpoint), or when a module holds ``weight_packed`` but is no compressed-tensors Linear.
+    checkpoint), when a module holds ``weight_packed`` but is no compressed-tensors Linear, or
+    when transformers already decompressed the model.
     """
     if _remove_decompress_hook(model):
         logger.info("zen_woq: removed compressed-tensors' decompress-on-first-forward hook")
+    _refuse_decompressed(model)
     for name, module in model.named_modules():
         if hasattr(module, "zen_woq_num_bits") or not hasattr(module, "weight_packed"):
             continue  # kept already (or released), or not packed
@@ -137,6 +168,7 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
             if tensor is not None:
                 tensor.requires_grad_(False)
         module.zen_woq_num_bits = num_bits
+        _owners[module.weight_packed] = weakref.ref(module)
         module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
         module.__class__ = _packed_class(type(module))
     return model

@@ -37,20 +37,20 @@ class NotRecoverable(Exception):
 
 @dataclasses.dataclass
 class Match:
-    """A linear whose weight is computed from compressed-tensors constants.
+    """A linear whose weight is computed from compressed-tensors constants (found cheaply;
+    :func:`recover` reads the layer out of it, once per layer).
 
-    ``layer``/``weights`` are None when recovery failed; ``reason`` then says why.
-    ``constant_inputs`` are the graph inputs the recovered constants were read from: the
-    compiled code is valid only while the same tensors are passed there.
+    ``constant_inputs`` are the graph inputs the weight is computed from, ``constant_values``
+    their tensors in this compile: the compiled code is valid only while the same tensors are
+    passed there.
     """
 
     linear: fx.Node
+    weight: fx.Node
     module_path: str
+    slice_nodes: tuple[fx.Node, ...]
     constant_inputs: tuple[fx.Node, ...]
-    constant_values: tuple[torch.Tensor, ...] = ()
-    layer: QuantizedLinear | None = None
-    weights: QuantizedWeights | None = None
-    reason: str | None = None
+    constant_values: tuple[torch.Tensor, ...]
 
     @property
     def activation(self) -> fx.Node:
@@ -61,10 +61,18 @@ class Match:
         args = self.linear.args
         return args[2] if len(args) > 2 else self.linear.kwargs.get("bias")
 
+    @property
+    def weights_require_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.constant_values)
+
+    @property
+    def activation_requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.activation.meta["example_value"].requires_grad
+
 
 def find_quantized_linears(gm: fx.GraphModule, values: dict[fx.Node, object]) -> list[Match]:
     """Every linear of ``gm`` fed by compressed-tensors constants; ``values`` maps placeholders
-    to this compile's example inputs (real tensors for parameters)."""
+    to this compile's example inputs (real tensors for parameters). Evaluates nothing."""
     matches = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -73,40 +81,52 @@ def find_quantized_linears(gm: fx.GraphModule, values: dict[fx.Node, object]) ->
         if not isinstance(weight, fx.Node) or weight.op in ("placeholder", "get_attr"):
             continue  # a dense weight: not ours
         slice_nodes, leaves = _weight_slice(weight)
-        roles = {_role(leaf): leaf for leaf in leaves}
-        if not ({"weight_packed", "weight_scale"} & roles.keys()):
+        if not ({"weight_packed", "weight_scale"} & {_role(leaf) for leaf in leaves}):
             continue  # some other computed weight: not compressed-tensors
         if not all(_is_constant(leaf, values) for leaf in leaves):
             continue  # weight depends on runtime inputs: not a constant quantized weight
-        match = Match(node, _module_path(node, weight), tuple(leaves))
-        try:
-            leaf_values = {leaf: _value(leaf, gm, values) for leaf in leaves}
-            match.constant_values = tuple(leaf_values.values())
-            dense = _evaluate(gm, slice_nodes, leaves, weight, leaf_values)
-            tensors = {role: leaf_values[leaf] for role, leaf in roles.items() if role}
-            form, num_bits, per_word, packed_dim, weights = _recover(tensors, dense)
-            match.weights = weights
-            match.layer = QuantizedLinear(
-                module_path=match.module_path,
-                out_features=dense.shape[0],
-                in_features=dense.shape[1],
-                weight_form=form,
-                num_bits=num_bits,
-                values_per_word=per_word,
-                packed_dim=packed_dim,
-                num_groups=tensors["weight_scale"].shape[-1],
-                has_zero_point=weights.zero_point is not None,
-                has_g_idx=weights.g_idx is not None,
-                has_bias=match.bias is not None,
-                activation_dtype=match.activation.meta["example_value"].dtype,
-                weights_require_grad=torch.is_grad_enabled()
-                and any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaf_values.values()),
-                activation_requires_grad=torch.is_grad_enabled() and match.activation.meta["example_value"].requires_grad,
-            )
-        except NotRecoverable as error:
-            match.reason = str(error)
-        matches.append(match)
+        leaf_values = tuple(_value(leaf, gm, values) for leaf in leaves)
+        matches.append(Match(node, weight, _module_path(node, weight), tuple(slice_nodes), tuple(leaves), leaf_values))
     return matches
+
+
+def recover(gm: fx.GraphModule, match: Match) -> tuple[QuantizedLinear, QuantizedWeights]:
+    """Run the weight's sub-graph on this compile's constants and read the layer out of its
+    named constants, accepting it only if our dequantization reproduces the sub-graph bit for
+    bit. Raises NotRecoverable with the reason."""
+    dense = _evaluate(gm, match)
+    tensors = {_role(leaf): value for leaf, value in zip(match.constant_inputs, match.constant_values) if _role(leaf)}
+    activation = match.activation.meta["example_value"]
+    return describe(
+        match.module_path,
+        tensors,
+        dense,
+        has_bias=match.bias is not None,
+        activation_dtype=activation.dtype,
+        weights_require_grad=match.weights_require_grad,
+        activation_requires_grad=match.activation_requires_grad,
+    )
+
+
+def describe(module_path: str, tensors: dict[str, torch.Tensor], dense: torch.Tensor, **context):
+    """(QuantizedLinear, QuantizedWeights) of one layer from its compressed-tensors tensors by
+    role and ``dense``, the weight they compute; ``context``: has_bias, activation_dtype and the
+    grad flags. Raises NotRecoverable."""
+    form, num_bits, per_word, packed_dim, weights = _recover(tensors, dense)
+    layer = QuantizedLinear(
+        module_path=module_path,
+        out_features=dense.shape[0],
+        in_features=dense.shape[1],
+        weight_form=form,
+        num_bits=num_bits,
+        values_per_word=per_word,
+        packed_dim=packed_dim,
+        num_groups=tensors["weight_scale"].shape[-1],
+        has_zero_point=weights.zero_point is not None,
+        has_g_idx=weights.g_idx is not None,
+        **context,
+    )
+    return layer, weights
 
 
 def _weight_slice(weight: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -144,18 +164,18 @@ def _module_path(linear: fx.Node, weight: fx.Node) -> str:
     """``model.layers.0.self_attn.q_proj``, from dynamo's module stack of the linear."""
     stack = linear.meta.get("nn_module_stack") or weight.meta.get("nn_module_stack")
     path = list(stack.values())[-1][0] if stack else ""
-    return re.sub(r"^L\['self'\]\.?", "", path) or "<root>"
+    return re.sub(r"^L\['\w+'\]\.?", "", path) or "<root>"
 
 
-def _evaluate(gm, slice_nodes, leaves, weight, leaf_values) -> torch.Tensor:
+def _evaluate(gm: fx.GraphModule, match: Match) -> torch.Tensor:
     """Run the weight's sub-graph on this compile's constants."""
     graph = fx.Graph()
-    env = {leaf: graph.placeholder(f"leaf_{i}") for i, leaf in enumerate(leaves)}
-    for node in slice_nodes:
+    env = {leaf: graph.placeholder(f"leaf_{i}") for i, leaf in enumerate(match.constant_inputs)}
+    for node in match.slice_nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
-    graph.output(env[weight])
+    graph.output(env[match.weight])
     with torch.no_grad():
-        dense = fx.GraphModule(gm, graph)(*(leaf_values[leaf] for leaf in leaves))
+        dense = fx.GraphModule(gm, graph)(*match.constant_values)
     if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
         raise NotRecoverable("the weight sub-graph does not produce a 2-D weight")
     return dense

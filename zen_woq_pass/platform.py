@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 
 import torch
 
@@ -111,9 +112,20 @@ def zentorch_cpu_reason(cpu: CpuInfo | None = None) -> str | None:
     return None
 
 
+def zendnn_reference_algorithm() -> bool:
+    """Whether ZenDNN runs its reference matmul algorithm (read at zentorch's first call)."""
+    return os.environ.get("ZENDNNL_MATMUL_ALGO") == ZENDNN_REFERENCE_ALGO
+
+
 def zentorch_ops():
     """``torch.ops.zentorch``, importing zentorch first; RuntimeError when it is unusable."""
     reason = zentorch_unusable_reason()
     if reason:
         raise RuntimeError(reason)
     return torch.ops.zentorch
+
+
+def clear_caches() -> None:
+    """Forget the CPU and zentorch probes (``torch._dynamo.reset()`` does, through the backend)."""
+    for probe in (cpu_info, zentorch_unusable_reason):
+        getattr(probe, "cache_clear", lambda: None)()  # tests may stand in a plain function

@@ -1,7 +1,8 @@
-"""What the pass decided for every quantized layer, as data: which kernel, or why not.
+"""What the pass decided for every quantized layer, as plain data: which kernel, or why not.
 
-``last_report()`` returns the report of the most recent graph ``zen_woq`` compiled; it prints as
-a table and renders as HTML in Jupyter.
+A report holds no tensors and no graphs, so keeping it keeps no memory alive. ``last_report()``
+is the report of the most recent graph ``zen_woq`` compiled; ``model.zen_woq_report`` (set by
+:func:`zen_woq_pass.optimize`) is the model's. Both print as a table and render as HTML in Jupyter.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import html
-
-import torch.fx as fx
 
 DEFAULT_PATH = "default"
 
@@ -25,25 +24,44 @@ class LayerDecision:
     weight_form: str | None
     kernel: str
     reasons: tuple[str, ...]  # why not each kernel tried before ``kernel`` (or before the default path)
+    held_bytes: int = 0  # what the kernel's constants hold (0 on the default path: the module's own tensors)
 
     @property
     def reason(self) -> str:
         return "; ".join(self.reasons)
 
+    @property
+    def dense_bytes(self) -> int:
+        """The same layer as a dense bf16 weight (what transformers holds after decompressing)."""
+        return 2 * (self.out_features or 0) * (self.in_features or 0)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Report:
     kernel_option: str
-    layers: list[LayerDecision]
-    graph_module: fx.GraphModule | None = None  # the rewritten graph handed to Inductor
-    module_weight_bytes: int = 0  # the replaced layers' own tensors, still held by the model
-    kernel_constant_bytes: int = 0  # the same layers packed for their kernels
+    layers: tuple[LayerDecision, ...]
+    graph_calls: tuple[str, ...] = ()  # the targets the rewritten graph calls, in order (empty for a model's report)
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
         for layer in self.layers:
             result.setdefault(layer.kernel, []).append(layer.module_path)
         return result
+
+    def count_calls(self, fragment: str) -> int:
+        return sum(fragment in target for target in self.graph_calls)
+
+    @property
+    def memory_note(self) -> str:
+        replaced = [d for d in self.layers if d.kernel != DEFAULT_PATH]
+        if not replaced:
+            return ""
+        held, dense = sum(d.held_bytes for d in replaced), sum(d.dense_bytes for d in replaced)
+        note = f"memory: the replaced layers hold {held / 1e6:.1f} MB, {held / dense:.2f}x of their dense bf16 {dense / 1e6:.1f} MB"
+        densified = [d for d in replaced if d.kernel == "dense"]
+        if densified:
+            note += f" ({len(densified)} layer(s) no 4-bit kernel takes are held dense, to run as fast as transformers)"
+        return note
 
     def rows(self) -> list[tuple[str, ...]]:
         def show(value):
@@ -74,16 +92,6 @@ class Report:
             lines.append(self.memory_note)
         return "\n".join(lines)
 
-    @property
-    def memory_note(self) -> str:
-        if not (self.module_weight_bytes and self.kernel_constant_bytes):
-            return ""
-        return (
-            f"memory: the model still holds the replaced layers' packed weights ({self.module_weight_bytes / 1e6:.1f} MB) "
-            f"beside the kernels' copy ({self.kernel_constant_bytes / 1e6:.1f} MB); once compiled, "
-            "zen_woq_pass.release_module_weights(model) frees the model's copy (inference only)"
-        )
-
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
@@ -96,6 +104,10 @@ _recent: collections.deque[Report] = collections.deque(maxlen=64)
 
 def record(report: Report) -> None:
     _recent.append(report)
+
+
+def clear() -> None:
+    _recent.clear()
 
 
 def last_report() -> Report | None:

@@ -37,6 +37,10 @@ def self_check(
     return _verdicts[key]
 
 
+def clear() -> None:
+    _verdicts.clear()
+
+
 def _check(kernel, layer, weights, constants, bias) -> str | None:
     exact_weight = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point, weights.g_idx)
     generator = torch.Generator().manual_seed(0)

@@ -23,7 +23,18 @@ class ZentorchKernel(Kernel):
     name = "zentorch"
 
     def platform_reason(self, forced: bool) -> str | None:
-        return platform.zentorch_unusable_reason() or (None if forced else platform.zentorch_cpu_reason())
+        """Forced, the CPU gate gives way only to ZenDNN's reference algorithm: on CPUs the gate
+        refuses, the default algorithm returns garbage always (Zen 3) or on some calls (seen on
+        an Intel Xeon with AVX512-BF16: 10 % of calls), which no self-check can rule out."""
+        unusable = platform.zentorch_unusable_reason()
+        if unusable:
+            return unusable
+        cpu_reason = platform.zentorch_cpu_reason()
+        if cpu_reason is None or not forced:
+            return cpu_reason
+        if platform.zendnn_reference_algorithm():
+            return None  # the self-check decides
+        return f"{cpu_reason}; forcing it here needs ZENDNNL_MATMUL_ALGO={platform.ZENDNN_REFERENCE_ALGO} (ZenDNN's slow reference algorithm)"
 
     def layer_reason(self, layer: QuantizedLinear) -> str | None:
         return eligibility.gptq_int4_reason(layer) or eligibility.zentorch_reason(layer)

@@ -1,9 +1,9 @@
-"""Make small, real compressed-tensors checkpoints with llmcompressor (GPTQ), offline, in seconds.
+"""Test and benchmark support, not used at run time: small real compressed-tensors checkpoints.
 
-Tests, the notebook and the examples need real pack-quantized checkpoints but may not download
-anything: we build a tiny randomly initialised transformers model, a word-level tokenizer and a
-random calibration set, and run llmcompressor's ``oneshot`` with a ``GPTQModifier``. Needs the
-``test`` extra (llmcompressor).
+Tests, benchmarks and the examples need real pack-quantized checkpoints but may not download
+anything: we build a tiny randomly initialised transformers model, a byte-level tokenizer and a
+random calibration set, and run llmcompressor's ``oneshot`` (GPTQ or RTN). Needs llmcompressor
+(the ``test`` or ``models`` extra).
 """
 
 from __future__ import annotations
@@ -95,47 +95,3 @@ def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
     )
     _tokenizer().save_pretrained(quantized)
     return quantized
-
-
-def packed_linear(
-    out_features: int,
-    in_features: int,
-    group_size: int | None = 128,
-    zero_point: bool = False,
-    bias: bool = False,
-    g_idx: torch.Tensor | None = None,
-    seed: int = 0,
-) -> torch.nn.Linear:
-    """One compressed-tensors pack-quantized Linear, built as transformers loads it (random 4-bit
-    values and bf16 scales; ``group_size=None`` is channel-wise), already kept compressed.
-
-    For shapes no small checkpoint has (Llama-3-8B's, in benchmarks) and for hand-made variants
-    (g_idx) that llmcompressor no longer writes.
-    """
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    from zen_woq_pass import ct_format
-    from zen_woq_pass.keep_compressed import keep_compressed
-
-    generator = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size is None else in_features // group_size
-    q = torch.randint(-8, 8, (out_features, in_features), generator=generator).to(torch.int8)
-    scale = (torch.rand(out_features, groups, generator=generator) * 0.02 + 0.001).to(torch.bfloat16)
-    linear = torch.nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
-    del linear.weight
-
-    def constant(tensor):
-        return torch.nn.Parameter(tensor, requires_grad=False)
-
-    linear.weight_packed = constant(ct_format.pack_int32(q, 4))
-    linear.weight_scale = constant(scale)
-    if zero_point:
-        zp = torch.randint(-8, 8, (out_features, groups), generator=generator).to(torch.int8)
-        linear.weight_zero_point = constant(ct_format.pack_int32(zp.t(), 4).t().contiguous())
-    if g_idx is not None:
-        linear.weight_g_idx = constant(g_idx)
-    strategy = {"strategy": "channel"} if group_size is None else {"strategy": "group", "group_size": group_size}
-    args = QuantizationArgs(num_bits=4, symmetric=not zero_point, **strategy)
-    linear.quantization_scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    keep_compressed(linear)
-    return linear

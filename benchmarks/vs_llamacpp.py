@@ -1,0 +1,355 @@
+"""llama.cpp against zen_woq on the same real model, same threads, in one run (issues 8 and 9).
+
+    python benchmarks/vs_llamacpp.py [--threads 2] [--json out.json] [--plot out.png] [--quick] [--gptq]
+
+Why: llama.cpp is what a CPU user runs a 4-bit model with today, so "faster than transformers" is
+not enough; this puts zen_woq beside it on SmolLM2-135M-Instruct, whose Q4_1 GGUF is the source of
+every checkpoint here (the bf16 "dense" one is that GGUF dequantized, so llama.cpp and bf16 share
+weights). Rows: llama.cpp Q4_1 (and Q4_0, requantized from it, for speed only), transformers eager on
+bf16 and on W4A16 RTN g64 (decompressed to bf16: what users get without us), Inductor on bf16, and
+``zen_woq_pass.optimize`` per kernel. Each row runs in its own process (this script, re-run with
+``--engine``; it prints one JSON line), with its own fresh Inductor cache unless ``--warm-caches``,
+so RSS and compile time are the row's own and a crash loses only that row. Every row reads the same
+token ids (the dense checkpoint's HF tokenizer) and is timed the same way: TTFT = prompt + first
+token, decode = the other tokens, per token, medians of 3. Quality: perplexity over 512-token windows
+of ``quality.evaluation_text()``, and top-1 agreement / KL divergence against the transformers W4A16
+and bf16 rows' logits (those two rows run first and leave their logits in the work folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
+MARK = "@@vs_llamacpp "  # the child's result line on stdout
+# engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", a zen_woq kernel, "llama")
+ENGINES = {
+    "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
+    "hf-bf16": ("transformers eager, bf16", "dense", None),
+    "llama-q4_1": ("llama.cpp Q4_1 (GGUF as shipped)", "q4_1", "llama"),
+    "llama-q4_0": ("llama.cpp Q4_0 (requantized: speed reference only)", "q4_0", "llama"),
+    "inductor-bf16": ("torch.compile Inductor, bf16", "dense", "inductor"),
+    "zen_woq-auto": ("zen_woq auto, W4A16 RTN", "w4a16-rtn", "auto"),
+    "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
+    "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
+    "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
+    "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
+}
+REFERENCES = {"hf-w4a16": "w4a16", "hf-bf16": "bf16"}  # rows whose logits the others are compared with
+BASES = ("llama-q4_1", "hf-w4a16")  # ratios are against these rows
+
+
+def rss_mb() -> float:
+    """This process's resident memory (the same reading for every engine, torch imported or not)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _median_ms(fn, runs: int = 3, warmup: int = 0) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple[dict, object]:
+    """Speed with a plain context, then the quality windows with a ``logits_all`` one."""
+    import logging
+
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import Llama
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what verbose=False sets, before quantizing
+
+    if not extra_bufts:  # llama-cpp-python does not expose use_extra_bufts; its Llama reads these defaults
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
+    path, threads = setup["gguf"], setup["threads"]
+    if variant == "q4_0":
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True, threads
+        requantized = str(work / "q4_0.gguf")
+        if llama_cpp.llama_model_quantize(path.encode(), requantized.encode(), params) != 0:
+            raise RuntimeError("llama_model_quantize to Q4_0 failed")
+        path = requantized
+
+    def load(context, logits_all):
+        return Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context,
+                     logits_all=logits_all, verbose=False)
+
+    start = time.perf_counter()
+    llm = load(CONTEXT, False)
+    row = {"load s": time.perf_counter() - start}
+    vocab = llm.n_vocab()
+
+    def generate(prompt, n):
+        """Greedy, like ``measure.greedy``: prompt in one batch, then one token per eval."""
+        llm.reset()  # the next eval clears the KV cache from position 0
+        llm.eval(prompt)
+        tokens = []
+        while True:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            tokens.append(int(logits.argmax()))
+            if len(tokens) == n:
+                return tokens
+            llm.eval(tokens[-1:])
+
+    ids, new = setup["ids"], setup["new_tokens"]
+    start = time.perf_counter()
+    generate(ids[:PROMPT], new)
+    row["first generate s"] = time.perf_counter() - start
+    row["TTFT-32 ms"] = _median_ms(lambda: generate(ids[:PROMPT], 1))
+    full = _median_ms(lambda: generate(ids[:PROMPT], new + 1))
+    row["decode tok/s"] = 1e3 * new / max(full - row["TTFT-32 ms"], 1e-6)
+    if setup["long_prompt"]:
+        row["TTFT-512 ms"] = _median_ms(lambda: generate(ids[:LONG_PROMPT], 1), warmup=1)
+    row["RSS MB"] = rss_mb()
+    del llm
+    import torch
+
+    llm = load(WINDOW, True)
+    rows = []
+    for begin in range(0, len(ids), WINDOW):
+        chunk = ids[begin : begin + WINDOW]
+        llm.reset()
+        llm.eval(chunk)
+        rows.append(torch.from_numpy(llm.scores[: len(chunk) - 1].copy()))
+    return row, torch.cat(rows)
+
+
+def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]:
+    """transformers eager, Inductor, or ``zen_woq_pass.optimize``; the model's own forward for quality."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import zen_woq_pass
+    from zen_woq_pass import quality
+    from zen_woq_pass.measure import greedy, median_ms, time_generation
+
+    torch.set_num_threads(setup["threads"])
+    ids = torch.tensor([setup["ids"]])
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(setup["checkpoints"][variant], dtype=torch.bfloat16)
+    if how == "inductor":
+        model.forward = torch.compile(model.forward)
+    elif how is not None:
+        zen_woq_pass.optimize(model, kernel=how)
+    row = {"load s": time.perf_counter() - start}
+    prompt, new = ids[:, :PROMPT], setup["new_tokens"]
+    start = time.perf_counter()
+    greedy(model, prompt, new)  # decompression (eager W4A16) or compilation happens here
+    row["first generate s"] = time.perf_counter() - start
+    timing = time_generation(model, prompt, new)
+    row["TTFT-32 ms"], row["decode tok/s"] = timing.ttft_ms, timing.decode_tokens_per_s
+    if setup["long_prompt"]:  # warm-up: a new prompt length may compile a dynamic-shape graph
+        row["TTFT-512 ms"] = median_ms(lambda: greedy(model, ids[:, :LONG_PROMPT], 1), min_runs=3, min_seconds=0, warmup=1)
+    row["RSS MB"] = rss_mb()
+    report = getattr(model, "zen_woq_report", None)
+    if report is not None:
+        row["kernels"] = {kernel: len(layers) for kernel, layers in report.by_kernel().items()}
+        row["kernel constants MB"] = sum(layer.held_bytes for layer in report.layers) / 1e6
+    return row, quality.window_logits(model, ids, WINDOW)
+
+
+def run_engine(engine: str, work: Path, extra_bufts: bool) -> dict:
+    """One row, in this (child) process."""
+    setup = json.loads((work / "setup.json").read_text())
+    label, variant, how = ENGINES[engine]
+    start = time.perf_counter()
+    if how == "llama":
+        row, logits = llama_row(setup, work, variant, extra_bufts)
+    else:
+        row, logits = torch_row(setup, variant, how)
+    import torch
+
+    from zen_woq_pass import quality
+
+    targets = quality.window_targets(torch.tensor([setup["ids"]]), WINDOW)
+    row["perplexity"] = quality.perplexity_from_logits(logits, targets)
+    for reference, tag in REFERENCES.items():
+        saved = work / f"{tag}.logits.pt"
+        if engine == reference:
+            torch.save(logits, saved)
+        elif saved.exists():
+            row[f"top-1 vs {tag}"], row[f"KLD vs {tag}"] = quality.agreement(logits, torch.load(saved, mmap=True))
+    row["row s"] = time.perf_counter() - start
+    return row
+
+
+def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
+    """Run one engine in a child process; a crashed child gives a row with its error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if not args.warm_caches:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{engine}")
+    command = [sys.executable, __file__, "--engine", engine, "--workdir", str(work)]
+    done = subprocess.run(command + ([] if extra_bufts else ["--no-extra-bufts"]), env=env, stdout=subprocess.PIPE, text=True)
+    label = ENGINES[engine][0] + ("" if extra_bufts else " [extra buffer types off]")
+    for line in done.stdout.splitlines():
+        if line.startswith(MARK):
+            return {"engine": engine, "label": label, **json.loads(line[len(MARK) :])}
+    if done.returncode == -signal.SIGILL and ENGINES[engine][2] == "llama" and extra_bufts:
+        print(f"# {engine}: SIGILL; again without llama.cpp's extra buffer types (AMX, repacking)", file=sys.stderr)
+        return spawn(engine, work, args, extra_bufts=False)
+    reason = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit {done.returncode}"
+    return {"engine": engine, "label": label, "error": reason}
+
+
+def machine(threads: int) -> dict:
+    """CPU, the ISA flags that matter here, versions, and the read bandwidth measured now."""
+    import torch
+
+    from zen_woq_pass import platform
+    from zen_woq_pass.measure import read_bandwidth_gbs
+
+    torch.set_num_threads(threads)
+    cpu = platform.cpu_info()
+    versions = {}
+    for package in ("torch", "zentorch", "transformers", "compressed-tensors", "llama_cpp_python"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "cpu": f"{cpu.model_name} ({cpu.vendor}, family {cpu.family} model {cpu.model})",
+        "flags": {flag: flag in cpu.flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
+        "threads": threads,
+        "versions": versions,
+        "read GB/s": read_bandwidth_gbs(),
+        "zentorch": platform.zentorch_cpu_reason() or "supported",
+    }
+
+
+def cell(row: dict, key: str, bases: list[dict], higher_is_better: bool, digits: int = 1) -> str:
+    """``value (x vs llama.cpp, x vs transformers W4A16)``, the ratios as speed-ups."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    ratios = []
+    for base in bases:
+        other = base.get(key)
+        ratios.append(f"x{(value / other if higher_is_better else other / value):.2f}" if other else "-")
+    return f"{value:.{digits}f} ({', '.join(ratios)})"
+
+
+def table(rows: list[dict], info: dict) -> str:
+    flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in info["flags"].items())
+    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
+    lines = [
+        f"# {info['cpu']}; {flags}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s",
+        f"# {versions}; zentorch WOQ on this CPU: {info['zentorch']}",
+        "# (xA, xB): speed-up over llama.cpp Q4_1 and over transformers W4A16 eager (>1 is faster)",
+        "",
+        "| row | load s | first generate s | decode tok/s | TTFT-32 ms | TTFT-512 ms | RSS MB | perplexity "
+        "| top-1 / KLD vs W4A16 eager | KLD vs bf16 | kernels |",
+        "|---" * 11 + "|",
+    ]
+    bases = [next((r for r in rows if r["engine"] == name), {}) for name in BASES]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 9)
+            continue
+        agreement = f"{row['top-1 vs w4a16']:.3f} / {row['KLD vs w4a16']:.4f}" if "top-1 vs w4a16" in row else "-"
+        kld = f"{row['KLD vs bf16']:.4f}" if "KLD vs bf16" in row else "-"
+        kernels = ", ".join(f"{k} x{n}" for k, n in row.get("kernels", {}).items()) or "-"
+        lines.append(
+            f"| {row['label']} | {row['load s']:.1f} | {row['first generate s']:.1f} "
+            f"| {cell(row, 'decode tok/s', bases, True)} | {cell(row, 'TTFT-32 ms', bases, False)} "
+            f"| {cell(row, 'TTFT-512 ms', bases, False)} | {row['RSS MB']:.0f} | {row['perplexity']:.2f} "
+            f"| {agreement} | {kld} | {kernels} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], info: dict, path: str) -> None:
+    """Bars per row: decode tok/s, and the longest prompt's TTFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ttft = "TTFT-512 ms" if any("TTFT-512 ms" in r for r in rows) else "TTFT-32 ms"
+    done = [r for r in rows if "error" not in r]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8), sharey=True)
+    for axis, key, note in ((axes[0], "decode tok/s", "higher is better"), (axes[1], ttft, "lower is better")):
+        values = [r.get(key, 0) for r in done]
+        axis.barh([r["label"] for r in done], values, color=["tab:orange" if "llama" in r["engine"] else "tab:blue" for r in done])
+        for y, value in enumerate(values):
+            axis.text(value, y, f" {value:.0f}", va="center", fontsize=8)
+        axis.set_title(f"{key} ({note})")
+        axis.invert_yaxis()
+    figure.suptitle(f"SmolLM2-135M, {info['threads']} threads, {info['cpu']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--plot", help="write a bar chart here (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, 2048-token perplexity, no TTFT-512")
+    parser.add_argument("--gptq", action="store_true", help="add W4A16 GPTQ rows (the checkpoint takes minutes to make once)")
+    parser.add_argument("--warm-caches", action="store_true", help="use the usual Inductor cache instead of a fresh one per row")
+    parser.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.engine:
+        print(MARK + json.dumps(run_engine(args.engine, Path(args.workdir), not args.no_extra_bufts)), flush=True)
+        return 0
+    from transformers import AutoTokenizer
+
+    from zen_woq_pass import quality, smollm2
+
+    info = machine(args.threads)
+    engines = [e for e in ENGINES if "gptq" not in e or args.gptq]
+    if info["zentorch"] != "supported":
+        engines.remove("zen_woq-zentorch")
+        print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)
+    variants = {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}
+    checkpoints = {v: str(smollm2.checkpoint(v)) for v in sorted(variants, key=lambda v: v != "dense")}
+    ppl_tokens = 2048 if args.quick else 4096
+    ids = AutoTokenizer.from_pretrained(checkpoints["dense"])(quality.evaluation_text()).input_ids[:ppl_tokens]
+    setup = {
+        "threads": args.threads, "new_tokens": 8 if args.quick else 64, "ppl_tokens": ppl_tokens,
+        "long_prompt": not args.quick, "gguf": str(smollm2.gguf_path()), "checkpoints": checkpoints, "ids": ids,
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vs_llamacpp-") as scratch:
+        work = Path(scratch)
+        (work / "setup.json").write_text(json.dumps(setup))
+        for engine in engines:
+            print(f"# {engine}: {ENGINES[engine][0]}", file=sys.stderr, flush=True)
+            rows.append(spawn(engine, work, args))
+            print(f"# {engine}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "setup": {k: v for k, v in setup.items() if k != "ids"}, "rows": rows}, indent=1))
+    print(table(rows, info))
+    if args.plot:
+        plot(rows, info, args.plot)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

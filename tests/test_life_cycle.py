@@ -1,0 +1,139 @@
+"""The model's life cycle: one decision per layer held once, a refused kernel never runs, memory
+freed with the model, every cache cleared by ``torch._dynamo.reset()``, ``mode=`` and
+transformers' ``CompileConfig`` accepted, and ``optimize`` taking a model in any state."""
+
+import gc
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+from helpers import INPUT_IDS, load
+from test_kernels import TransposedScaleKernel
+
+import zen_woq_pass
+from zen_woq_pass import numerics, options, plan, platform, report, selfcheck
+from zen_woq_pass.kernels import DENSE, KERNELS
+from zen_woq_pass.measure import greedy, linear_weight_bytes
+from zen_woq_pass.probe import packed_linear
+
+
+def _layer():
+    return torch.nn.Sequential(packed_linear(128, 256, 64, zero_point=True, bias=True, seed=5))
+
+
+class WrongEverywhere(TransposedScaleKernel):
+    """The real zentorch op with its scales' groups swapped, offered on any CPU zentorch loads on."""
+
+    def platform_reason(self, forced):
+        return platform.zentorch_unusable_reason()
+
+
+def test_a_kernel_refused_by_its_self_check_never_runs(monkeypatch):
+    """A kernel that computes the wrong thing is refused; the layer, compiled, converted and then
+    run eagerly, runs the next one."""
+    monkeypatch.setattr(options, "CHAIN", (WrongEverywhere(), KERNELS["aten-int4"], DENSE))
+    module = _layer()
+    exact = module[0].dequantized_weight(torch.float32)
+    bias = module[0].bias
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(module, backend="zen_woq")(x)
+        eager = module(x)  # the converted module, outside any compile
+    [decision] = zen_woq_pass.last_report().layers
+    assert decision.kernel == "aten-int4" and "zentorch-bad-scales: self-check failed" in decision.reason
+    assert type(module[0]).zen_woq_kernel.name == "aten-int4"
+    for y in (compiled, eager):
+        assert numerics.worst_excess(y, x, exact, bias) <= 1.0
+
+
+def test_deleting_the_model_frees_every_byte_the_backend_made():
+    module = _layer()
+    with torch.no_grad():
+        torch.compile(module, backend="zen_woq")(torch.randn(2, 256).to(torch.bfloat16))
+    constants = [weakref.ref(t) for name, t in module.named_buffers() if name.startswith("0.zen_woq_")]
+    assert constants and plan.held_bytes() > 0
+    kept_report = zen_woq_pass.last_report()
+    del module
+    torch._dynamo.reset()
+    gc.collect()
+    assert all(ref() is None for ref in constants)
+    assert plan.held_bytes() == 0
+    assert not any(isinstance(v, torch.Tensor) for v in vars(kept_report).values())  # plain data
+
+
+def test_dynamo_reset_clears_every_cache_of_the_package():
+    module = _layer()
+    with torch.no_grad():
+        torch.compile(module, backend="zen_woq")(torch.randn(2, 256).to(torch.bfloat16))
+    assert plan._plans and selfcheck._verdicts and report.recent_reports()
+    torch._dynamo.reset()
+    assert not plan._plans and not selfcheck._verdicts and not report.recent_reports()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_modes_are_accepted(mode):
+    module = _layer()
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        want = module(x)
+        got = torch.compile(module, backend="zen_woq", mode=mode)(x)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=2e-2)
+
+
+def test_generate_through_transformers_compile_config(checkpoints):
+    """transformers' own compiled decoding (static cache, CompileConfig with its default mode
+    "reduce-overhead") on the optimized model: the same greedy tokens as without it."""
+    from transformers import CompileConfig
+
+    path = checkpoints("llama_sym_g128")
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=False)
+    plain = greedy(model, INPUT_IDS[:1], 8)
+    model.generation_config.compile_config = CompileConfig(backend="zen_woq")
+    model.generation_config.compile_config._compile_all_devices = True
+    before = len(zen_woq_pass.recent_reports())
+    with torch.no_grad():
+        out = model.generate(INPUT_IDS[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
+    reports = zen_woq_pass.recent_reports()[before:]
+    assert reports, "transformers did not compile the decode step"
+    kernel = model.zen_woq_report.layers[0].kernel
+    call = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack"}[kernel]
+    assert all(r.count_calls(call) == 14 for r in reports)  # the decode graph calls the kernels
+    tokens = out[:, INPUT_IDS.shape[1]:]
+    # a static cache attends over padding: other bf16 rounding, so near-tied random logits may part later
+    assert tokens.shape == plain.shape and torch.equal(tokens[:, :2], plain[:, :2])
+
+
+@pytest.mark.parametrize("state", ["fresh", "decompressed", "kept"])
+def test_optimize_takes_a_model_in_any_state_and_holds_it_at_4_bits(checkpoints, state):
+    path = checkpoints("qwen2_asym_bias")
+    model = load(path, keep=state == "kept")
+    if state == "decompressed":
+        with torch.no_grad():
+            model(INPUT_IDS)  # transformers decompresses it to dense bf16
+    reference = load(path)
+    with torch.no_grad():
+        want = reference(INPUT_IDS).logits
+    optimized = zen_woq_pass.optimize(model)
+    assert optimized is model
+    with torch.no_grad():
+        got = model(INPUT_IDS).logits
+    decisions = model.zen_woq_report.layers
+    assert len(decisions) == 14 and {d.kernel for d in decisions} <= {"zentorch", "aten-int4"}
+    dense = sum(d.dense_bytes for d in decisions)
+    assert linear_weight_bytes(model) == 0
+    assert sum(d.held_bytes for d in decisions) / dense <= 0.3
+    assert numerics.sqnr_db(got, want) >= 30
+
+
+def test_the_runtime_never_imports_test_or_benchmark_dependencies():
+    script = (
+        "import sys, zen_woq_pass, zen_woq_pass.cli, zen_woq_pass.doctor\n"
+        "from zen_woq_pass import doctor\n"
+        "doctor.probe('aten-int4')\n"
+        "print(sorted(m for m in ('llmcompressor', 'matplotlib', 'datasets') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

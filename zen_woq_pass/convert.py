@@ -1,0 +1,144 @@
+"""Give each quantized Linear its plan, in the module itself: one copy of the weights, at 4 bits.
+
+:func:`convert` reads every compressed-tensors Linear of a model -- kept packed, decompressed by
+transformers' first forward, or in the fake-quant form right after calibration -- decides its
+kernel once (:mod:`zen_woq_pass.plan`), and makes the module call that kernel on the plan's
+constants, held as the module's buffers; the checkpoint's tensors are dropped. The module stays a
+Linear of its class, usable eagerly and by any compile, and dynamo traces its forward into the
+kernel call with no graph break and nothing left to match: one graph serves every layer of a kind.
+Inference only: the model can no longer be saved as a compressed-tensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from zen_woq_pass import plan as plans
+from zen_woq_pass.keep_compressed import PACKED_TENSOR_NAMES, PackedForward, owner
+from zen_woq_pass.kernels.base import Kernel
+from zen_woq_pass.match import NotRecoverable, describe
+from zen_woq_pass.options import Options
+from zen_woq_pass.report import Report
+
+logger = logging.getLogger(__name__)
+
+# compressed-tensors' tensors on a Linear, besides the dense ``weight`` of the unpacked forms
+CHECKPOINT_TENSOR_NAMES = (*PACKED_TENSOR_NAMES, "weight_shape")
+
+
+class KernelForward:
+    """Mixed in before a Linear class: the layer's kernel on its constants (buffers ``zen_woq_*``).
+
+    Kernel, call target and constant names are class attributes, constants to dynamo, so the
+    forward traces to one kernel call."""
+
+    zen_woq_kernel: Kernel
+    zen_woq_constant_names: tuple[str, ...]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
+        return self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, self.bias))
+
+
+def _base_class(cls: type) -> type:
+    return next(c for c in cls.__mro__ if not issubclass(c, (PackedForward, KernelForward)))
+
+
+@functools.cache
+def _kernel_class(cls: type, kernel: Kernel, names: tuple[str, ...]) -> type:
+    base = _base_class(cls)
+    attributes = {"zen_woq_kernel": kernel, "zen_woq_target": staticmethod(kernel.target), "zen_woq_constant_names": names}
+    return type(f"{kernel.name.title().replace('-', '')}{base.__name__}", (KernelForward, base), attributes)
+
+
+def is_quantized_linear(module: torch.nn.Module) -> bool:
+    scheme = getattr(module, "quantization_scheme", None)
+    return isinstance(module, torch.nn.Linear) and scheme is not None and scheme.weights is not None
+
+
+def _tensors_and_weight(module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The layer's compressed-tensors tensors by role, and the dense weight they stand for."""
+    tensors = {name: t for name in ("weight_scale", "weight_zero_point", "weight_g_idx") if (t := getattr(module, name, None)) is not None}
+    if isinstance(module, PackedForward):
+        tensors["weight_packed"] = module.weight_packed
+        return tensors, module.dequantized_weight()
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    tensors["weight"] = module.weight  # decompressed by transformers, or calibrated (fake-quant form)
+    with torch.no_grad():  # what the layer computes with: on the grid (identity once decompressed)
+        dense = fake_quantize(module.weight, module.weight_scale, tensors.get("weight_zero_point"), module.quantization_scheme.weights)
+    return tensors, dense
+
+
+def plan_module(name: str, module: torch.nn.Module, options: Options, activation_dtype: torch.dtype) -> plans.LayerPlan:
+    """The module's plan, made once per (weights, options, activation dtype)."""
+    tensors, dense = _tensors_and_weight(module)
+    bias = module.bias
+
+    def make():
+        try:
+            layer, weights = describe(
+                name,
+                tensors,
+                dense,
+                has_bias=bias is not None,
+                activation_dtype=activation_dtype,
+                weights_require_grad=False,
+                activation_requires_grad=False,
+            )
+        except NotRecoverable as error:
+            return plans.refused(name, str(error))
+        return plans.decide(layer, weights, bias, options)
+
+    sources = tuple(tensors.values())
+    key = (options.kernel, activation_dtype, False, False, bias is not None)
+    return plans.cached(sources, key, make)
+
+
+def adopt(module: torch.nn.Module, plan: plans.LayerPlan) -> int:
+    """Make ``module`` run ``plan`` and empty the checkpoint's tensors (in place: code compiled
+    before still finds the attributes it reads); returns the bytes dropped."""
+    dropped = 0
+    for name in (*CHECKPOINT_TENSOR_NAMES, "weight"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            dropped += tensor.nbytes
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    for name, tensor in plan.constants.items():
+        module.register_buffer(f"zen_woq_{name}", tensor, persistent=False)
+    module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
+    module.__class__ = _kernel_class(type(module), plan.kernel, tuple(plan.constants))
+    module.zen_woq_decision = plan.decision
+    return dropped
+
+
+def adopt_compiled(used) -> None:
+    """After the pass replaced layers in a graph: let their kept modules hold the plans too, so
+    the model keeps one copy (the next call recompiles once, onto the converted modules)."""
+    for sources, plan in used:
+        module = next((m for t in sources if (m := owner(t)) is not None), None)
+        if isinstance(module, PackedForward):
+            adopt(module, plan)
+
+
+def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dtype | None = None) -> Report:
+    """Plan and adopt every compressed-tensors Linear of ``model``; layers left on the default
+    path (``kernel="default"``, or nothing recoverable) keep their own tensors and forward."""
+    activation_dtype = activation_dtype or getattr(model, "dtype", torch.bfloat16)
+    decisions = []
+    for name, module in model.named_modules():
+        if isinstance(module, KernelForward):
+            decisions.append(module.zen_woq_decision)
+            continue
+        if not is_quantized_linear(module) or not any(hasattr(module, n) for n in ("weight_packed", "weight_scale")):
+            continue
+        plan = plan_module(name, module, options, activation_dtype)
+        if plan.kernel is not None:
+            adopt(module, plan)
+        decisions.append(plan.decision)
+    for decision in decisions:
+        logger.info("zen_woq: %s -> %s%s", decision.module_path, decision.kernel, f" ({decision.reason})" if decision.reasons else "")
+    return Report(options.kernel, tuple(decisions))

@@ -1,0 +1,53 @@
+"""``zen_woq_pass.optimize(model)``: one call from a loaded compressed-tensors model to a fast one.
+
+The life cycle a user should not have to know, in one place: keep the checkpoint compressed (stop
+transformers decompressing it), decide each layer's kernel once and hold its weights once
+(:mod:`zen_woq_pass.convert`), let go of the checkpoint file, and compile the forward. After it,
+plain ``model(...)`` and ``model.generate(...)`` run the fast path; ``model.zen_woq_report`` says
+what each layer runs and why. The name is the one ``ipex.llm.optimize`` and
+``zentorch.llm.optimize`` users know.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from zen_woq_pass.convert import convert
+from zen_woq_pass.checkpoint_file import release_checkpoint_file
+from zen_woq_pass.keep_compressed import keep_compressed
+from zen_woq_pass.options import Options
+
+logger = logging.getLogger(__name__)
+
+
+def optimize(
+    model: torch.nn.Module,
+    *,
+    kernel: str = "auto",
+    compile: bool = True,
+    mode: str | None = None,
+    dynamic: bool | None = None,
+    **inductor_config,
+) -> torch.nn.Module:
+    """Convert ``model`` in place and return it.
+
+    ``kernel``: "auto", a kernel's name ("zentorch", "aten-int4", "dense") or "default" (see the
+    backend's options). ``compile=False`` converts only: the layers then run their kernels eagerly.
+    ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to ``torch.compile``.
+    Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
+    right after llmcompressor's calibration (the fake-quant form).
+    """
+    options = Options.from_user({"kernel": kernel, **inductor_config}, mode)
+    if any(hasattr(module, "weight_packed") for module in model.modules()):
+        keep_compressed(model)
+    report = convert(model, options)
+    released = release_checkpoint_file(model)
+    if released:
+        logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
+    model.zen_woq_report = report
+    if compile:
+        backend_options = {"kernel": kernel, **inductor_config}
+        model.forward = torch.compile(model.forward, backend="zen_woq", mode=mode, dynamic=dynamic, options=backend_options)
+    return model
