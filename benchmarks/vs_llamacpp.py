@@ -58,12 +58,13 @@ def rss_mb() -> float:
 def _median_ms(fn, runs: int = 3, warmup: int = 0) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(_seconds(fn) for _ in range(runs)) * 1e3
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple[dict, object]:
@@ -116,12 +117,10 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
             llm.eval(tokens[-1:])
 
     ids, new = setup["ids"], setup["new_tokens"]
-    start = time.perf_counter()
-    generate(ids[:PROMPT], new)
-    row["first generate s"] = time.perf_counter() - start
-    row["TTFT-32 ms"] = _median_ms(lambda: generate(ids[:PROMPT], 1))
+    row["first generate s"] = _seconds(lambda: generate(ids[:PROMPT], new))
+    row["TTFT-32 ms"] = _median_ms(lambda: generate(ids[:PROMPT], 1))  # as measure.time_generation does
     full = _median_ms(lambda: generate(ids[:PROMPT], new + 1))
-    row["decode tok/s"] = 1e3 * new / max(full - row["TTFT-32 ms"], 1e-6)
+    row["decode tok/s"] = 1e3 * new / (full - row["TTFT-32 ms"]) if full > row["TTFT-32 ms"] else None
     if setup["long_prompt"]:
         row["TTFT-512 ms"] = _median_ms(lambda: generate(ids[:LONG_PROMPT], 1), warmup=1)
     row["RSS MB"] = rss_mb()
@@ -157,11 +156,10 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
         zen_woq_pass.optimize(model, kernel=how)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
-    start = time.perf_counter()
-    greedy(model, prompt, new)  # decompression (eager W4A16) or compilation happens here
-    row["first generate s"] = time.perf_counter() - start
+    row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too
     timing = time_generation(model, prompt, new)
-    row["TTFT-32 ms"], row["decode tok/s"] = timing.ttft_ms, timing.decode_tokens_per_s
+    unmeasured = timing.decode_ms_per_token * new <= 1e-6  # time_generation's floor: noise beat the decode time
+    row["TTFT-32 ms"], row["decode tok/s"] = timing.ttft_ms, None if unmeasured else timing.decode_tokens_per_s
     if setup["long_prompt"]:  # warm-up: a new prompt length may compile a dynamic-shape graph
         row["TTFT-512 ms"] = median_ms(lambda: greedy(model, ids[:, :LONG_PROMPT], 1), min_runs=3, min_seconds=0, warmup=1)
     row["RSS MB"] = rss_mb()
@@ -175,7 +173,7 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
 def run_engine(engine: str, work: Path, extra_bufts: bool) -> dict:
     """One row, in this (child) process."""
     setup = json.loads((work / "setup.json").read_text())
-    label, variant, how = ENGINES[engine]
+    _, variant, how = ENGINES[engine]
     start = time.perf_counter()
     if how == "llama":
         row, logits = llama_row(setup, work, variant, extra_bufts)
@@ -199,7 +197,7 @@ def run_engine(engine: str, work: Path, extra_bufts: bool) -> dict:
 
 def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
     """Run one engine in a child process; a crashed child gives a row with its error."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     if not args.warm_caches:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{engine}")
     command = [sys.executable, __file__, "--engine", engine, "--workdir", str(work)]
@@ -224,32 +222,24 @@ def machine(threads: int) -> dict:
 
     torch.set_num_threads(threads)
     cpu = platform.cpu_info()
-    versions = {}
-    for package in ("torch", "zentorch", "transformers", "compressed-tensors", "llama_cpp_python"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    packages = ("torch", "zentorch", "transformers", "compressed-tensors", "llama_cpp_python")
+    installed = {d.metadata["Name"].lower().replace("-", "_"): d.version for d in importlib.metadata.distributions()}
+    versions = {p: installed.get(p.replace("-", "_"), "not installed") for p in packages}
     return {
         "cpu": f"{cpu.model_name} ({cpu.vendor}, family {cpu.family} model {cpu.model})",
         "flags": {flag: flag in cpu.flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
-        "threads": threads,
-        "versions": versions,
-        "read GB/s": read_bandwidth_gbs(),
+        "threads": threads, "versions": versions, "read GB/s": read_bandwidth_gbs(),
         "zentorch": platform.zentorch_cpu_reason() or "supported",
     }
 
 
-def cell(row: dict, key: str, bases: list[dict], higher_is_better: bool, digits: int = 1) -> str:
+def cell(row: dict, key: str, bases: list[dict], higher_is_better: bool) -> str:
     """``value (x vs llama.cpp, x vs transformers W4A16)``, the ratios as speed-ups."""
     value = row.get(key)
     if value is None:
         return "-"
-    ratios = []
-    for base in bases:
-        other = base.get(key)
-        ratios.append(f"x{(value / other if higher_is_better else other / value):.2f}" if other else "-")
-    return f"{value:.{digits}f} ({', '.join(ratios)})"
+    ratios = [f"x{(value / b[key] if higher_is_better else b[key] / value):.2f}" if b.get(key) else "-" for b in bases]
+    return f"{value:.1f} ({', '.join(ratios)})"
 
 
 def table(rows: list[dict], info: dict) -> str:
@@ -292,7 +282,7 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
     done = [r for r in rows if "error" not in r]
     figure, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8), sharey=True)
     for axis, key, note in ((axes[0], "decode tok/s", "higher is better"), (axes[1], ttft, "lower is better")):
-        values = [r.get(key, 0) for r in done]
+        values = [r.get(key) or 0 for r in done]
         axis.barh([r["label"] for r in done], values, color=["tab:orange" if "llama" in r["engine"] else "tab:blue" for r in done])
         for y, value in enumerate(values):
             axis.text(value, y, f" {value:.0f}", va="center", fontsize=8)
@@ -328,7 +318,7 @@ def main(argv=None) -> int:
         engines.remove("zen_woq-zentorch")
         print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)
     variants = {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}
-    checkpoints = {v: str(smollm2.checkpoint(v)) for v in sorted(variants, key=lambda v: v != "dense")}
+    checkpoints = {v: str(smollm2.checkpoint(v)) for v in sorted(variants)}
     ppl_tokens = 2048 if args.quick else 4096
     ids = AutoTokenizer.from_pretrained(checkpoints["dense"])(quality.evaluation_text()).input_ids[:ppl_tokens]
     setup = {

@@ -99,7 +99,7 @@ def test_generate_through_transformers_compile_config(checkpoints):
     assert reports, "transformers did not compile the decode step"
     kernel = model.zen_woq_report.layers[0].kernel
     call = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack"}[kernel]
-    assert all(r.count_calls(call) == 14 for r in reports)  # the decode graph calls the kernels
+    assert all(r.count_calls(call) and not r.count_calls("rshift") for r in reports)  # kernels, no unpack
     tokens = out[:, INPUT_IDS.shape[1]:]
     # a static cache attends over padding: other bf16 rounding, so near-tied random logits may part later
     assert tokens.shape == plain.shape and torch.equal(tokens[:, :2], plain[:, :2])

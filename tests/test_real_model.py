@@ -13,6 +13,8 @@ real ops eagerly (what Inductor adds around them is the same as for auto's kerne
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,7 +50,7 @@ class Reference:
     def __init__(self, variant):
         self.path = smollm2.checkpoint(variant)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.bos = self.tokenizer.bos_token_id
+        self.bos = None  # SmolLM2 adds no BOS (its bos token is <|im_start|>), as llama.cpp
         self.ids = self.tokenizer(quality.evaluation_text(), return_tensors="pt").input_ids[:, :TOKENS]
         self.targets = quality.window_targets(self.ids, 512, self.bos)
         self.model = _load(self.path)  # transformers decompresses it on the first forward
@@ -117,8 +119,11 @@ def _coherent(text: str) -> bool:
 
 
 def test_greedy_chat_answers_are_coherent_text():
+    """The kernels' answers to real prompts (run eagerly: generation through the compiled model is
+    the notebook's and ``zen-woq run``'s). Greedy decoding compounds bf16 differences, so parting
+    from the reference is shown, not failed; the answer must be text."""
     ref = reference("w4a16-rtn")
-    model = zen_woq_pass.optimize(_load(ref.path))
+    model = zen_woq_pass.optimize(_load(ref.path), compile=False)
     for prompt in PROMPTS:
         ids = ref.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
         ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
@@ -130,24 +135,40 @@ def test_greedy_chat_answers_are_coherent_text():
         assert _coherent(answer), answer
 
 
-def test_life_cycle_in_resident_memory():
-    """optimize frees what it replaces, in RSS: the model's memory after it is no more than the
-    4-bit constants plus what it did not touch (and far below transformers' dense model)."""
-    ref = reference("w4a16-rtn")
-    import gc
+RSS_SCRIPT = """
+import gc, sys, torch
+from transformers import AutoModelForCausalLM
+import zen_woq_pass
+from zen_woq_pass.measure import rss_mb
+path, optimize = sys.argv[1], sys.argv[2] == "optimize"
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+if optimize:
+    zen_woq_pass.optimize(model, compile=False)
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3, 4]]))  # transformers decompresses here unless optimized
+gc.collect()
+print("LOADED", rss_mb())
+del model
+gc.collect()
+zen_woq_pass.memory.return_freed_heap()  # glibc keeps freed heap otherwise, model or not
+print("DELETED", rss_mb())
+"""
 
-    gc.collect()
-    before = measure.rss_mb()
-    model = zen_woq_pass.optimize(_load(ref.path), compile=False)
-    with torch.no_grad():
-        model(ref.ids[:, :16])
-    gc.collect()
-    held = measure.rss_mb() - before
-    constants = sum(d.held_bytes for d in model.zen_woq_report.layers) / 1e6
-    dense = sum(d.dense_bytes for d in model.zen_woq_report.layers) / 1e6
-    untouched = sum(p.nbytes for n, p in model.named_parameters() if "zen_woq" not in n) / 1e6
-    print(f"RSS +{held:.0f} MB: 4-bit constants {constants:.0f} MB (dense {dense:.0f} MB), other tensors {untouched:.0f} MB")
-    assert held <= constants + untouched + 60  # allocator and activations slack
-    del model
-    gc.collect()
-    assert measure.rss_mb() - before <= 60
+
+def _rss(path, how):
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), how], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines() if line.split()[0] in ("LOADED", "DELETED")}
+
+
+def test_life_cycle_in_resident_memory():
+    """In RSS, each in a fresh process: an optimized model holds less than transformers' own by
+    most of the dense-minus-4-bit difference of its linears, and deleting it gives back its
+    constants and the embedding it copied out of the checkpoint file."""
+    ref = reference("w4a16-rtn")
+    ours, theirs = _rss(ref.path, "optimize"), _rss(ref.path, "transformers")
+    layers = zen_woq_pass.optimize(_load(ref.path), compile=False).zen_woq_report.layers
+    saved = (sum(d.dense_bytes for d in layers) - sum(d.held_bytes for d in layers)) / 1e6
+    print(f"RSS: optimized {ours}, transformers {theirs}; dense minus 4-bit linears {saved:.0f} MB")
+    assert ours["LOADED"] <= theirs["LOADED"] - 0.7 * saved
+    assert ours["LOADED"] - ours["DELETED"] >= 0.7 * (sum(d.held_bytes for d in layers) / 1e6 + 57)  # constants + embedding

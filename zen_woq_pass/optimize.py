@@ -15,7 +15,7 @@ import logging
 import torch
 
 from zen_woq_pass.convert import convert
-from zen_woq_pass.checkpoint_file import release_checkpoint_file
+from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.keep_compressed import keep_compressed
 from zen_woq_pass.options import Options
 
@@ -46,6 +46,7 @@ def optimize(
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
+    return_freed_heap()
     model.zen_woq_report = report
     if compile:
         backend_options = {"kernel": kernel, **inductor_config}

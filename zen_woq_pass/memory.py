@@ -1,14 +1,18 @@
-"""Let go of the memory-mapped checkpoint file once the weights the model needs are its own.
+"""Give memory back once a model is converted: the checkpoint file's mapping, and freed heap.
 
 transformers loads safetensors as views of the memory-mapped file. After :func:`convert` the
 quantized layers hold only their kernels' constants, but the pages of the file stay resident
 while any tensor still views the mapping (the embedding does): dropping the packed weights frees
 no memory at all. Copying the remaining mapped tensors into ordinary memory lets the mapping go.
+Converting also allocates and frees a dense weight per layer; glibc keeps such freed heap in the
+process (measured on SmolLM2: +590 MB of RSS) until ``malloc_trim`` returns it.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
 
 import torch
 
@@ -42,3 +46,11 @@ def release_checkpoint_file(model: torch.nn.Module) -> int:
             copied += tensor.nbytes
             tensor.data = tensor.data.clone()
     return copied
+
+
+def return_freed_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
