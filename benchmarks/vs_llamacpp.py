@@ -285,9 +285,9 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
         values = [r.get(key) or 0 for r in done]
         axis.barh([r["label"] for r in done], values, color=["tab:orange" if "llama" in r["engine"] else "tab:blue" for r in done])
         for y, value in enumerate(values):
-            axis.text(value, y, f" {value:.0f}", va="center", fontsize=8)
+            axis.text(value, y, f" {value:.0f}" if value >= 10 else f" {value:.2g}" if value else " -", va="center", fontsize=8)
         axis.set_title(f"{key} ({note})")
-        axis.invert_yaxis()
+    axes[0].invert_yaxis()  # first row on top (the y axis is shared)
     figure.suptitle(f"SmolLM2-135M, {info['threads']} threads, {info['cpu']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

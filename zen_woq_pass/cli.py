@@ -42,13 +42,13 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str) -> bool:
+def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compile: bool = False) -> bool:
     """The main job; True when the optimized model's answer agrees with transformers' own (the
     same greedy tokens, or parting only at a near-tie within bf16 rounding noise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, chosen = _model_path(model_dir)
-    print(f"model: {path} ({chosen}); kernel={kernel}")
+    print(f"model: {path} ({chosen}); kernel={kernel}{', compiled' if compile else ''}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = _prompt_ids(tokenizer, prompt)
 
@@ -60,7 +60,7 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str) -> boo
     dense_timing = measure.time_generation(dense, ids, new_tokens)
     dense_bytes = measure.linear_weight_bytes(dense)
 
-    model = zen_woq_pass.optimize(load(), kernel=kernel)
+    model = zen_woq_pass.optimize(load(), kernel=kernel, compile=compile)
     start = time.perf_counter()
     tokens = measure.greedy(model, ids, new_tokens)
     first_s = time.perf_counter() - start
@@ -71,7 +71,7 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str) -> boo
     print(f"answer (zen_woq)    : {tokenizer.decode(tokens[0], skip_special_tokens=True)!r}")
     print(f"answer (transformers): {tokenizer.decode(reference[0], skip_special_tokens=True)!r}")
     print(f"vs transformers' own dense model: {comparison.explain()}")
-    print(f"first generate (compile included): {first_s:.1f} s")
+    print(f"first generate{' (compile included)' if compile else ''}: {first_s:.1f} s")
     print(f"time to first token: {timing.ttft_ms:.1f} ms (transformers: {dense_timing.ttft_ms:.1f} ms)")
     print(
         f"decode: {timing.decode_tokens_per_s:.1f} tokens/s (transformers: {dense_timing.decode_tokens_per_s:.1f}, "
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     run_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     run_parser.add_argument("--max-new-tokens", type=int, default=32)
     run_parser.add_argument("--kernel", default="auto", choices=["auto", "default", *KERNELS])
+    run_parser.add_argument("--compile", action="store_true", help="also torch.compile the forward (minutes; faster decode)")
     commands.add_parser("make-model", help="make (once) a SmolLM2 checkpoint and print its path", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "make-model":
@@ -106,4 +107,4 @@ def main(argv=None) -> int:
         print(f"\nverdict: {verdict}")
         return 0
     logging.basicConfig(level=logging.WARNING)
-    return 0 if run(args.model_dir, args.prompt, args.max_new_tokens, args.kernel) else 1
+    return 0 if run(args.model_dir, args.prompt, args.max_new_tokens, args.kernel, args.compile) else 1
