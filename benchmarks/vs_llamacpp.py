@@ -42,6 +42,7 @@ ENGINES = {
     "zen_woq-auto": ("zen_woq auto, W4A16 RTN", "w4a16-rtn", "auto"),
     "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
+    "zen_woq-auto-compiled": ("zen_woq auto + compile=True, W4A16 RTN", "w4a16-rtn", "auto+compile"),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
@@ -153,7 +154,8 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     if how == "inductor":
         model.forward = torch.compile(model.forward)
     elif how is not None:
-        zen_woq_pass.optimize(model, kernel=how)
+        kernel, _, compiled = how.partition("+")
+        zen_woq_pass.optimize(model, kernel=kernel, compile=bool(compiled))
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too
