@@ -5,11 +5,10 @@
 The model is made here: random weights, quantized W4A16 (group 128) by llmcompressor (round to
 nearest: GPTQ's result has the same shapes and speed, and takes minutes at this size). Compared:
 transformers' default (decompressed to bf16 on the first forward, eager), ``torch.compile`` with
-Inductor on that decompressed model, and ``backend="zen_woq"`` on the kept-compressed model.
-``kernel=default`` is Inductor alone on the same kept-compressed model: its first call against
-zen_woq's is the compile-time cost of the pass. Prints time to first token, decode tokens/s,
-first-call (compile) time, bytes held by the quantized
-linears' own tensors and by the kernels' packed constants (one copy each). Greedy tokens are
+Inductor on that decompressed model, and ``zen_woq_pass.optimize`` with each kernel (eager) and with
+``compile=True``. Prints time to first token, decode tokens/s and its share of the 4-bit bandwidth
+bound (weight bytes over the read bandwidth measured in the same run), first-call (compile) time,
+bytes held by the quantized linears' own tensors and by the kernels' constants. Greedy tokens are
 compared with the eager model's: on random weights near-tied logits may flip under bf16 rounding.
 """
 
@@ -24,10 +23,10 @@ import time
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import packed_constants, platform
+from zen_woq_pass import plan, platform
 from zen_woq_pass.testing import Recipe, make_checkpoint
 from zen_woq_pass.kernels import KERNELS
-from zen_woq_pass.measure import greedy, linear_weight_bytes, time_generation
+from zen_woq_pass.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
 
 
 def measure(label, model, ids, new_tokens):
@@ -44,7 +43,7 @@ def measure(label, model, ids, new_tokens):
         "decode ms/token": timing.decode_ms_per_token,
         "decode tok/s": timing.decode_tokens_per_s,
         "linear weights MB": linear_weight_bytes(model) / 1e6,
-        "kernel constants MB": packed_constants.held_bytes() / 1e6,
+        "kernel constants MB": plan.held_bytes() / 1e6,
         "tokens": tokens[0].tolist(),
     }
 
@@ -81,21 +80,26 @@ def main(argv=None):
         rows.append(measure("torch.compile inductor (decompressed)", model, ids, args.new_tokens))
         del model
         reports = {}
-        for kernel in ("auto", *KERNELS, "default"):
-            if kernel in reports.get("auto", {}):
-                continue  # measured already, as what auto chose
+        kernels = ["auto", "aten-int4", "dense"] + (["zentorch"] if platform.zentorch_cpu_reason() is None else [])
+        for kernel, compile in [(k, False) for k in kernels] + [("auto", True)]:
             torch._dynamo.reset()
-            model = zen_woq_pass.keep_compressed(load())
-            model.forward = torch.compile(model.forward, backend="zen_woq", options={"kernel": kernel})
-            row = measure(f"torch.compile zen_woq kernel={kernel} (kept 4-bit)", model, ids, args.new_tokens)
-            reports[kernel] = {k: len(v) for k, v in zen_woq_pass.last_report().by_kernel().items()}
-            if kernel in ("auto", "default") or kernel in reports[kernel]:
-                rows.append(row)
+            model = zen_woq_pass.optimize(load(), kernel=kernel, compile=compile)
+            label = f"zen_woq_pass.optimize(kernel={kernel}{', compile=True' if compile else ''})"
+            rows.append(measure(label, model, ids, args.new_tokens))
+            reports[label] = {k: len(v) for k, v in model.zen_woq_report.by_kernel().items()}
+            if kernel == "auto" and not compile:
+                four_bit_mb = rows[-1]["kernel constants MB"]
             del model
+    bandwidth = read_bandwidth_gbs()
+    bound_ms = four_bit_mb / 1e3 / bandwidth * 1e3
+    print(f"# read bandwidth {bandwidth:.1f} GB/s (2 threads, this run); 4-bit weights {four_bit_mb:.0f} MB: "
+          f"bound {bound_ms:.2f} ms/token (the lm_head and embedding not counted)")
+    for row in rows:
+        row["% of 4-bit bound"] = 100 * bound_ms / row["decode ms/token"]
     base = rows[0]
     print(f"# {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; prompt {args.prompt}, "
           f"{args.new_tokens} new tokens; layers per kernel: {reports}\n")
-    columns = ["first generate s", "first-call overhead s", "TTFT ms", "decode ms/token", "decode tok/s", "linear weights MB", "kernel constants MB"]
+    columns = ["first generate s", "first-call overhead s", "TTFT ms", "decode ms/token", "decode tok/s", "% of 4-bit bound", "linear weights MB", "kernel constants MB"]
     print("| path | " + " | ".join(columns) + " | decode speed-up | same tokens |")
     print("|---" * (len(columns) + 3) + "|")
     for row in rows:
@@ -104,7 +108,7 @@ def main(argv=None):
         print(f"| {row['path']} | " + " | ".join(cells) + f" | x{speedup:.2f} | {row['tokens'] == base['tokens']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": f"{cpu.model_name} ({cpu.zen_generation})", "rows": rows}, f, indent=1)
+            json.dump({"machine": f"{cpu.model_name} ({cpu.zen_generation})", "bandwidth GB/s": bandwidth, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,20 @@ def test_the_runtime_never_imports_test_or_benchmark_dependencies():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_optimize_right_after_calibration_in_memory(tmp_path):
+    """A model straight out of llmcompressor's oneshot (fake-quant form, never saved) gets the
+    4-bit kernels in one call, and computes what compressed-tensors' own fake-quant forward does."""
+    from zen_woq_pass.testing import Recipe, calibrated_model
+
+    model = calibrated_model(Recipe(arch="qwen2", scheme="W4A16_ASYM", seed=6), tmp_path)
+    with torch.no_grad():
+        want = model(INPUT_IDS).logits
+    zen_woq_pass.optimize(model)
+    decisions = model.zen_woq_report.layers
+    assert len(decisions) == 14 and all(d.weight_form == "fake-quant" for d in decisions), model.zen_woq_report
+    assert {d.kernel for d in decisions} <= {"zentorch", "aten-int4"}
+    with torch.no_grad():
+        got = model(INPUT_IDS).logits
+    assert numerics.sqnr_db(got, want) >= 30

@@ -74,24 +74,35 @@ def _modifier(recipe: Recipe):
     return modifier(config_groups=groups, ignore=list(recipe.ignore))
 
 
-def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
-    """Write a dense bf16 model, then its llmcompressor GPTQ checkpoint, under ``directory``."""
+def _oneshot(recipe: Recipe, directory: Path, output_dir: Path | None):
+    """llmcompressor's ``oneshot`` on a fresh dense model saved under ``directory``; returns the
+    calibrated model, as it is in memory after calibration."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
-    directory = Path(directory)
-    dense, quantized = directory / "dense", directory / "quantized"
+    dense = directory / "dense"
     _model(recipe).save_pretrained(dense)
     _tokenizer().save_pretrained(dense)
     rng = random.Random(recipe.seed)
     texts = ["".join(chr(rng.randrange(32, 127)) for _ in range(64)) for _ in range(16)]
-    oneshot(
+    return oneshot(
         model=str(dense),
         dataset=Dataset.from_dict({"text": texts}),
         recipe=_modifier(recipe),
         max_seq_length=64,
         num_calibration_samples=len(texts),
-        output_dir=str(quantized),
+        **({"output_dir": str(output_dir)} if output_dir else {}),
     )
+
+
+def make_checkpoint(recipe: Recipe, directory: str | Path) -> Path:
+    """Write a dense bf16 model, then its llmcompressor checkpoint, under ``directory``."""
+    quantized = Path(directory) / "quantized"
+    _oneshot(recipe, Path(directory), quantized)
     _tokenizer().save_pretrained(quantized)
     return quantized
+
+
+def calibrated_model(recipe: Recipe, directory: str | Path):
+    """The model right after ``oneshot``, never saved: the fake-quant form a notebook user has."""
+    return _oneshot(recipe, Path(directory), None)
