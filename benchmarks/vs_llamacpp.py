@@ -231,7 +231,7 @@ def machine(threads: int) -> dict:
         "cpu": f"{cpu.model_name} ({cpu.vendor}, family {cpu.family} model {cpu.model})",
         "flags": {flag: flag in cpu.flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
         "threads": threads, "versions": versions, "read GB/s": read_bandwidth_gbs(),
-        "zentorch": platform.zentorch_cpu_reason() or "supported",
+        "zentorch": platform.zentorch_cpu_reason() or "supported", "load average": os.getloadavg()[0],
     }
 
 
@@ -248,7 +248,8 @@ def table(rows: list[dict], info: dict) -> str:
     flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in info["flags"].items())
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
     lines = [
-        f"# {info['cpu']}; {flags}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s",
+        f"# {info['cpu']}; {flags}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s; "
+        f"load average {info['load average']:.1f} at the start (other busy threads make every timing noise)",
         f"# {versions}; zentorch WOQ on this CPU: {info['zentorch']}",
         "# (xA, xB): speed-up over llama.cpp Q4_1 and over transformers W4A16 eager (>1 is faster)",
         "",
