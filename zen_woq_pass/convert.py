@@ -55,8 +55,16 @@ def _kernel_class(cls: type, kernel: Kernel, names: tuple[str, ...]) -> type:
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
+    """A compressed-tensors weight-only quantized Linear (activation quantization, W8A8 and the like,
+    lives in the forward we would replace: such layers are left to compressed-tensors)."""
     scheme = getattr(module, "quantization_scheme", None)
-    return isinstance(module, torch.nn.Linear) and scheme is not None and scheme.weights is not None
+    return (
+        isinstance(module, torch.nn.Linear)
+        and scheme is not None
+        and scheme.weights is not None
+        and scheme.input_activations is None
+        and scheme.output_activations is None
+    )
 
 
 def _tensors_and_weight(module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
