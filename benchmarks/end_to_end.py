@@ -25,7 +25,6 @@ import torch
 import zen_woq_pass
 from zen_woq_pass import plan, platform
 from zen_woq_pass.testing import Recipe, make_checkpoint
-from zen_woq_pass.kernels import KERNELS
 from zen_woq_pass.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
 
 

@@ -40,8 +40,10 @@ def _compiled(module, x, **kwargs):
     return compiled
 
 
-def _paths(layer, x):
-    """name -> (callable, weight bytes) or (None, why it cannot run here)."""
+def _paths(make_layer, x):
+    """name -> (callable, weight bytes) or (None, why it cannot run here). ``make_layer()`` gives
+    the same packed layer afresh: compiling with zen_woq converts the layer it compiled."""
+    layer = make_layer()
     dense = layer.dequantized_weight().to(torch.bfloat16)
     dense32 = dense.float()
     x32 = x.float()
@@ -62,7 +64,7 @@ def _paths(layer, x):
     paths["dense bf16"] = (lambda: F.linear(x, dense), dense.nbytes)
     paths["dense fp32"] = (lambda: F.linear(x32, dense32), dense32.nbytes)
     for kernel in CHAIN:
-        compiled = _compiled(layer, x, backend="zen_woq", options={"kernel": kernel.name})
+        compiled = _compiled(make_layer(), x, backend="zen_woq", options={"kernel": kernel.name})
         decision = zen_woq_pass.last_report().layers[0]
         if decision.kernel == kernel.name:
             paths[kernel.name] = (lambda compiled=compiled: compiled(x), four_bit)
@@ -87,10 +89,9 @@ def main(argv=None):
     header = None
     for name in args.shapes:
         out_features, in_features = SHAPES[name]
-        layer = packed_linear(out_features, in_features, GROUP_SIZE)
         for rows in args.rows:
             x = torch.randn(rows, in_features).to(torch.bfloat16)
-            paths = _paths(layer, x)
+            paths = _paths(lambda: packed_linear(out_features, in_features, GROUP_SIZE), x)
             results = {p: (median_ms(fn) if fn else None, extra) for p, (fn, extra) in paths.items()}
             four_bit = paths["eager CT"][1]
             results["4-bit bound"] = (four_bit / bandwidth / 1e6, four_bit)

@@ -1,9 +1,7 @@
 """The notebook runs for a Jupyter user who installed only what its first cell says: a fresh
 virtual environment with the ``notebook`` extra (and the real model's GGUF), nothing from ``test``."""
 
-import json
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -12,7 +12,6 @@ Inference only: the model can no longer be saved as a compressed-tensors checkpo
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
@@ -21,9 +20,9 @@ from zen_woq_pass.keep_compressed import PACKED_TENSOR_NAMES, PackedForward, own
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.match import NotRecoverable, describe
 from zen_woq_pass.options import Options
+from zen_woq_pass import report as report_module
 from zen_woq_pass.report import Report
 
-logger = logging.getLogger(__name__)
 
 # compressed-tensors' tensors on a Linear, besides the dense ``weight`` of the unpacked forms
 CHECKPOINT_TENSOR_NAMES = (*PACKED_TENSOR_NAMES, "weight_shape")
@@ -67,23 +66,28 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     )
 
 
-def _tensors_and_weight(module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The layer's compressed-tensors tensors by role, and the dense weight they stand for."""
-    tensors = {name: t for name in ("weight_scale", "weight_zero_point", "weight_g_idx") if (t := getattr(module, name, None)) is not None}
+def _tensors(module) -> dict[str, torch.Tensor]:
+    """The layer's compressed-tensors tensors by role: packed, or a dense ``weight`` (decompressed
+    by transformers, or calibrated: the fake-quant form)."""
+    names = ("weight_packed",) if isinstance(module, PackedForward) else ("weight",)
+    names += ("weight_scale", "weight_zero_point", "weight_g_idx")
+    return {name: t for name in names if (t := getattr(module, name, None)) is not None}
+
+
+def _dense_weight(module) -> torch.Tensor:
+    """The weight the layer computes with."""
     if isinstance(module, PackedForward):
-        tensors["weight_packed"] = module.weight_packed
-        return tensors, module.dequantized_weight()
+        return module.dequantized_weight()
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    tensors["weight"] = module.weight  # decompressed by transformers, or calibrated (fake-quant form)
-    with torch.no_grad():  # what the layer computes with: on the grid (identity once decompressed)
-        dense = fake_quantize(module.weight, module.weight_scale, tensors.get("weight_zero_point"), module.quantization_scheme.weights)
-    return tensors, dense
+    with torch.no_grad():  # on the grid: the identity once decompressed
+        zero_point = getattr(module, "weight_zero_point", None)
+        return fake_quantize(module.weight, module.weight_scale, zero_point, module.quantization_scheme.weights)
 
 
 def plan_module(name: str, module: torch.nn.Module, options: Options, activation_dtype: torch.dtype) -> plans.LayerPlan:
     """The module's plan, made once per (weights, options, activation dtype)."""
-    tensors, dense = _tensors_and_weight(module)
+    tensors = _tensors(module)
     bias = module.bias
 
     def make():
@@ -91,7 +95,7 @@ def plan_module(name: str, module: torch.nn.Module, options: Options, activation
             layer, weights = describe(
                 name,
                 tensors,
-                dense,
+                _dense_weight(module),
                 has_bias=bias is not None,
                 activation_dtype=activation_dtype,
                 weights_require_grad=False,
@@ -106,21 +110,18 @@ def plan_module(name: str, module: torch.nn.Module, options: Options, activation
     return plans.cached(sources, key, make)
 
 
-def adopt(module: torch.nn.Module, plan: plans.LayerPlan) -> int:
+def adopt(module: torch.nn.Module, plan: plans.LayerPlan) -> None:
     """Make ``module`` run ``plan`` and empty the checkpoint's tensors (in place: code compiled
-    before still finds the attributes it reads); returns the bytes dropped."""
-    dropped = 0
+    before still finds the attributes it reads)."""
     for name in (*CHECKPOINT_TENSOR_NAMES, "weight"):
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor):
-            dropped += tensor.nbytes
             tensor.data = torch.empty(0, dtype=tensor.dtype)
     for name, tensor in plan.constants.items():
         module.register_buffer(f"zen_woq_{name}", tensor, persistent=False)
     module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
     module.__class__ = _kernel_class(type(module), plan.kernel, tuple(plan.constants))
     module.zen_woq_decision = plan.decision
-    return dropped
 
 
 def adopt_compiled(used) -> None:
@@ -147,6 +148,5 @@ def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dt
         if plan.kernel is not None:
             adopt(module, plan)
         decisions.append(plan.decision)
-    for decision in decisions:
-        logger.info("zen_woq: %s -> %s%s", decision.module_path, decision.kernel, f" ({decision.reason})" if decision.reasons else "")
+    report_module.log(decisions)
     return Report(options.kernel, tuple(decisions))

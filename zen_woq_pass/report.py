@@ -10,6 +10,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import html
+import logging
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "default"
 
@@ -97,6 +100,12 @@ class Report:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
         note = f"<p>{html.escape(self.memory_note)}</p>" if self.memory_note else ""
         return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def log(decisions) -> None:
+    """One info line per layer: what it runs, and why not the kernels before."""
+    for d in decisions:
+        logger.info("zen_woq: %s -> %s%s", d.module_path, d.kernel, f" ({d.reason})" if d.reasons else "")
 
 
 _recent: collections.deque[Report] = collections.deque(maxlen=64)

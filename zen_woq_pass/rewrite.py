@@ -16,7 +16,6 @@ layer, not once per graph. Layers on the default path are left as they are, for 
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
@@ -25,9 +24,9 @@ import torch.fx as fx
 from zen_woq_pass import plan as plans
 from zen_woq_pass.match import Match, NotRecoverable, find_quantized_linears, recover
 from zen_woq_pass.options import Options
+from zen_woq_pass import report as report_module
 from zen_woq_pass.report import Report
 
-logger = logging.getLogger(__name__)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, Report, tuple, tuple]:
@@ -46,8 +45,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             used.append((match.constant_values, plan))
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    for decision in decisions:
-        logger.info("zen_woq: %s -> %s%s", decision.module_path, decision.kernel, f" ({decision.reason})" if decision.reasons else "")
+    report_module.log(decisions)
     calls = tuple(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
     return gm, Report(options.kernel, tuple(decisions), calls), tuple(sorted(folded)), tuple(used)
 

@@ -15,7 +15,6 @@ from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
 class Kernel(abc.ABC):
     name: str
-    four_bit = True  # holds the weights at 4 bits (the dense fallback does not)
 
     @abc.abstractmethod
     def platform_reason(self, forced: bool) -> str | None:

@@ -19,7 +19,6 @@ from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
 class DenseKernel(Kernel):
     name = "dense"
-    four_bit = False
 
     def platform_reason(self, forced: bool) -> str | None:
         return None
