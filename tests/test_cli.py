@@ -37,6 +37,7 @@ def test_run_on_the_embedded_model():
     assert "0.26x of transformers' dense bf16" in memory
 
 
+@pytest.mark.needs_llmcompressor
 @needs_smollm2
 def test_run_answers_a_chat_prompt_with_the_real_model():
     rc, out = _zen_woq("run")

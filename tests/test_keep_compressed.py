@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import ZERO_POINTS_UNLOADABLE_REASON, zero_points_loadable
 from helpers import INPUT_IDS, load
 
 import zen_woq_pass
@@ -54,3 +55,10 @@ def test_traces_without_graph_breaks(checkpoints):
     model = load(checkpoints("qwen2_asym_bias"))
     explanation = torch._dynamo.explain(model)(INPUT_IDS)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.xfail(not zero_points_loadable(), reason=ZERO_POINTS_UNLOADABLE_REASON, raises=RuntimeError, strict=True)
+def test_transformers_loads_asymmetric_checkpoints(checkpoints):
+    """Says when a transformers release in ZERO_POINTS_UNLOADABLE is fixed, or another one breaks."""
+    model = load(checkpoints.path("qwen2_asym_bias"))
+    assert model.model.layers[0].self_attn.q_proj.weight_zero_point.dtype == torch.int32

@@ -139,6 +139,7 @@ def test_the_runtime_never_imports_test_or_benchmark_dependencies():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.needs_llmcompressor
 def test_optimize_right_after_calibration_in_memory(tmp_path):
     """A model straight out of llmcompressor's oneshot (fake-quant form, never saved) gets the
     4-bit kernels in one call, and computes what compressed-tensors' own fake-quant forward does."""

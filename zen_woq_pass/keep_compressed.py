@@ -101,6 +101,11 @@ def check_packed_tensors(name: str, module: torch.nn.Linear, args) -> None:
             f"weight_scale has {scale.shape[1]} groups, group size {args.group_size} over {in_features} inputs makes "
             f"{-(-in_features // args.group_size)}"
         )
+    elif args.strategy == "group" and g_idx is None and in_features % args.group_size:
+        problems.append(
+            f"in_features {in_features} is not a multiple of group size {args.group_size}, so the last group is partial "
+            "(written with bypass_divisibility_checks?); compressed-tensors cannot dequantize such a layer either"
+        )
     elif g_idx is None and in_features % scale.shape[1]:
         problems.append(f"in_features {in_features} is not divisible into {scale.shape[1]} scale groups")
     if scale.is_floating_point() and not torch.isfinite(scale).all():

@@ -28,8 +28,9 @@ class Recipe:
     intermediate_size: int = 512
     num_layers: int = 2
     seed: int = 0
-    algorithm: str = "gptq"  # "gptq", or "rtn" (round-to-nearest: much faster on large models)
+    algorithm: str = "gptq"  # "gptq", "awq", or "rtn" (round-to-nearest: much faster on large models)
     initializer_range: float = 0.02  # larger: peakier logits, fewer near-ties for greedy decoding
+    bypass_divisibility_checks: bool = False  # allow a last, partial group (SmolLM2's 576 with group 128)
 
 
 def _model(recipe: Recipe):
@@ -67,11 +68,28 @@ def _tokenizer():
 def _modifier(recipe: Recipe):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    modifier = {"gptq": GPTQModifier, "rtn": QuantizationModifier}[recipe.algorithm]
+    modifier = {"gptq": GPTQModifier, "rtn": QuantizationModifier, "awq": QuantizationModifier}[recipe.algorithm]
+    common = {"ignore": list(recipe.ignore), "bypass_divisibility_checks": recipe.bypass_divisibility_checks}
     if isinstance(recipe.scheme, str):
-        return modifier(targets="Linear", scheme=recipe.scheme, ignore=list(recipe.ignore))
-    groups = {"group_0": {"targets": ["Linear"], "weights": dict(recipe.scheme)}}
-    return modifier(config_groups=groups, ignore=list(recipe.ignore))
+        quantize = modifier(targets="Linear", scheme=recipe.scheme, **common)
+    else:
+        quantize = modifier(config_groups={"group_0": {"targets": ["Linear"], "weights": dict(recipe.scheme)}}, **common)
+    if recipe.algorithm == "awq":  # llmcompressor 0.14's AWQ: activation-aware smoothing, then RTN
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        _skip_pinning_without_accelerator()
+        return [AWQModifier(), quantize]
+    return quantize
+
+
+def _skip_pinning_without_accelerator():
+    """llmcompressor 0.14's AWQ pins its cached activations for host-to-device copies, and
+    ``pin_memory`` raises on a CPU-only torch ("Cannot access accelerator device"). Pinning only
+    speeds up copies to an accelerator, so without one it is skipped."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def _oneshot(recipe: Recipe, directory: Path, output_dir: Path | None):
