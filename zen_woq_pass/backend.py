@@ -19,7 +19,7 @@ import weakref
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from zen_woq_pass import convert, plan, platform, selfcheck
+from zen_woq_pass import convert, gemv, plan, platform, selfcheck
 from zen_woq_pass import report as report_module
 from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass.rewrite import rewrite
@@ -38,6 +38,7 @@ def reset() -> None:
     """Forget every decision, report and probe of this process (``torch._dynamo.reset()`` calls it)."""
     plan.clear()
     selfcheck.clear()
+    gemv.clear()
     report_module.clear()
     platform.clear_caches()
 

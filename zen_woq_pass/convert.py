@@ -19,7 +19,7 @@ from zen_woq_pass import plan as plans
 from zen_woq_pass.keep_compressed import PACKED_TENSOR_NAMES, PackedForward, owner
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.match import NotRecoverable, describe
-from zen_woq_pass.options import Options
+from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass import report as report_module
 from zen_woq_pass.report import Report
 
@@ -85,28 +85,31 @@ def _dense_weight(module) -> torch.Tensor:
         return fake_quantize(module.weight, module.weight_scale, zero_point, module.quantization_scheme.weights)
 
 
+def describe_module(name: str, module: torch.nn.Module, activation_dtype: torch.dtype):
+    """(QuantizedLinear, QuantizedWeights) of a compressed-tensors Linear. Raises NotRecoverable."""
+    return describe(
+        name,
+        _tensors(module),
+        _dense_weight(module),
+        has_bias=module.bias is not None,
+        activation_dtype=activation_dtype,
+        weights_require_grad=False,
+        activation_requires_grad=False,
+    )
+
+
 def plan_module(name: str, module: torch.nn.Module, options: Options, activation_dtype: torch.dtype) -> plans.LayerPlan:
     """The module's plan, made once per (weights, options, activation dtype)."""
-    tensors = _tensors(module)
-    bias = module.bias
 
     def make():
         try:
-            layer, weights = describe(
-                name,
-                tensors,
-                _dense_weight(module),
-                has_bias=bias is not None,
-                activation_dtype=activation_dtype,
-                weights_require_grad=False,
-                activation_requires_grad=False,
-            )
+            layer, weights = describe_module(name, module, activation_dtype)
         except NotRecoverable as error:
             return plans.refused(name, str(error))
-        return plans.decide(layer, weights, bias, options)
+        return plans.decide(layer, weights, module.bias, options)
 
-    sources = tuple(tensors.values())
-    key = (options.kernel, activation_dtype, False, False, bias is not None)
+    sources = tuple(_tensors(module).values())
+    key = (options.kernel, activation_dtype, False, False, module.bias is not None)
     return plans.cached(sources, key, make)
 
 
@@ -133,16 +136,26 @@ def adopt_compiled(used) -> None:
             adopt(module, plan)
 
 
-def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dtype | None = None) -> Report:
+def is_convertible(module: torch.nn.Module) -> bool:
+    """A compressed-tensors Linear still holding its checkpoint's tensors (not converted yet)."""
+    return is_quantized_linear(module) and any(hasattr(module, n) for n in ("weight_packed", "weight_scale"))
+
+
+def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dtype | None = None, fuse: bool = True) -> Report:
     """Plan and adopt every compressed-tensors Linear of ``model``; layers left on the default
-    path (``kernel="default"``, or nothing recoverable) keep their own tensors and forward."""
+    path (``kernel="default"``, or nothing recoverable) keep their own tensors and forward.
+    ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel call."""
+    from zen_woq_pass import fuse as fusion
+
     activation_dtype = activation_dtype or getattr(model, "dtype", torch.bfloat16)
+    if fuse and options.kernel != DEFAULT:
+        fusion.fuse_siblings(model, options, activation_dtype)
     decisions = []
     for name, module in model.named_modules():
         if isinstance(module, KernelForward):
             decisions.append(module.zen_woq_decision)
             continue
-        if not is_quantized_linear(module) or not any(hasattr(module, n) for n in ("weight_packed", "weight_scale")):
+        if not is_convertible(module):
             continue
         plan = plan_module(name, module, options, activation_dtype)
         if plan.kernel is not None:

@@ -10,10 +10,12 @@ what each layer runs and why. The name is the one ``ipex.llm.optimize`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
+from zen_woq_pass import gemv
 from zen_woq_pass.convert import convert
 from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.keep_compressed import keep_compressed
@@ -26,6 +28,7 @@ def optimize(
     model: torch.nn.Module,
     *,
     kernel: str = "auto",
+    fuse: bool = True,
     compile: bool = False,
     mode: str | None = None,
     dynamic: bool | None = None,
@@ -38,14 +41,16 @@ def optimize(
     2.7x transformers' decode speed with a first ``generate`` of 1.2 s. ``compile=True`` also
     compiles the forward with ``backend="zen_woq"`` (Inductor fuses the rest): 24 % more decode
     speed for about 110 s of compiling (``generate`` compiles several graphs), for long runs.
-    ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to ``torch.compile``.
+    ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel call
+    (:mod:`zen_woq_pass.fuse`; the same numbers, fewer calls). ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to ``torch.compile``.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """
     options = Options.from_user({"kernel": kernel, **inductor_config}, mode)
     if any(hasattr(module, "weight_packed") for module in model.modules()):
         keep_compressed(model)
-    report = convert(model, options)
+    report = convert(model, options, fuse=fuse)
+    report = dataclasses.replace(report, dense_layers=gemv.convert_dense_linears(model))
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)

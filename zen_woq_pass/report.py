@@ -28,6 +28,7 @@ class LayerDecision:
     kernel: str
     reasons: tuple[str, ...]  # why not each kernel tried before ``kernel`` (or before the default path)
     held_bytes: int = 0  # what the kernel's constants hold (0 on the default path: the module's own tensors)
+    fused_with: str = ""  # the call it shares with its siblings ("q_proj+k_proj+v_proj"), if fused
 
     @property
     def reason(self) -> str:
@@ -44,6 +45,7 @@ class Report:
     kernel_option: str
     layers: tuple[LayerDecision, ...]
     graph_calls: tuple[str, ...] = ()  # the targets the rewritten graph calls, in order (empty for a model's report)
+    dense_layers: tuple[str, ...] = ()  # what optimize chose for the layers left unquantized (the lm_head)
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -77,7 +79,7 @@ class Report:
                 show(d.group_size),
                 show(d.has_zero_point),
                 show(d.weight_form),
-                d.kernel,
+                f"{d.kernel} ({d.fused_with})" if d.fused_with else d.kernel,
                 d.reason,
             )
             for d in self.layers
@@ -93,12 +95,13 @@ class Report:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
         if self.memory_note:
             lines.append(self.memory_note)
+        lines.extend(self.dense_layers)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = f"<p>{html.escape(self.memory_note)}</p>" if self.memory_note else ""
+        note = "".join(f"<p>{html.escape(line)}</p>" for line in (self.memory_note, *self.dense_layers) if line)
         return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>{note}"
 
 
