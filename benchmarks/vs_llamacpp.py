@@ -32,7 +32,8 @@ from pathlib import Path
 
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
-# engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", a zen_woq kernel, "llama")
+# engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
+# kernel with "+"-joined extras: "compile", "int4-head")
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
     "hf-bf16": ("transformers eager, bf16", "dense", None),
@@ -42,6 +43,7 @@ ENGINES = {
     "zen_woq-auto": ("zen_woq auto, W4A16 RTN", "w4a16-rtn", "auto"),
     "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
+    "zen_woq-auto-int4-head": ("zen_woq auto + lm_head=\"int4\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+int4-head"),
     "zen_woq-auto-compiled": ("zen_woq auto + compile=True, W4A16 RTN", "w4a16-rtn", "auto+compile"),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
@@ -154,8 +156,9 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     if how == "inductor":
         model.forward = torch.compile(model.forward)
     elif how is not None:
-        kernel, _, compiled = how.partition("+")
-        zen_woq_pass.optimize(model, kernel=kernel, compile=bool(compiled))
+        kernel, *extras = how.split("+")
+        lm_head = "int4" if "int4-head" in extras else None
+        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too

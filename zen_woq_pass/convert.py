@@ -113,10 +113,11 @@ def plan_module(name: str, module: torch.nn.Module, options: Options, activation
     return plans.cached(sources, key, make)
 
 
-def adopt(module: torch.nn.Module, plan: plans.LayerPlan) -> None:
+def adopt(module: torch.nn.Module, plan: plans.LayerPlan, keep_weight: bool = False) -> None:
     """Make ``module`` run ``plan`` and empty the checkpoint's tensors (in place: code compiled
-    before still finds the attributes it reads)."""
-    for name in (*CHECKPOINT_TENSOR_NAMES, "weight"):
+    before still finds the attributes it reads); ``keep_weight`` leaves a dense ``weight`` that
+    another module shares (a tied lm_head's is the input embedding)."""
+    for name in (*CHECKPOINT_TENSOR_NAMES, *(() if keep_weight else ("weight",))):
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor):
             tensor.data = torch.empty(0, dtype=tensor.dtype)

@@ -17,6 +17,7 @@ import torch
 
 from zen_woq_pass import gemv
 from zen_woq_pass.convert import convert
+from zen_woq_pass.head import quantize_head
 from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.keep_compressed import keep_compressed
 from zen_woq_pass.options import Options
@@ -29,6 +30,7 @@ def optimize(
     *,
     kernel: str = "auto",
     fuse: bool = True,
+    lm_head: str | None = None,
     compile: bool = False,
     mode: str | None = None,
     dynamic: bool | None = None,
@@ -42,7 +44,9 @@ def optimize(
     compiles the forward with ``backend="zen_woq"`` (Inductor fuses the rest): 24 % more decode
     speed for about 110 s of compiling (``generate`` compiles several graphs), for long runs.
     ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel call
-    (:mod:`zen_woq_pass.fuse`; the same numbers, fewer calls). ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to ``torch.compile``.
+    (:mod:`zen_woq_pass.fuse`; the same numbers, fewer calls). ``lm_head="int4"`` rounds the
+    dense output Linear to 4 bits too (:mod:`zen_woq_pass.head`: faster, but it changes the numbers,
+    so it is opt-in). ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to ``torch.compile``.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """
@@ -50,7 +54,9 @@ def optimize(
     if any(hasattr(module, "weight_packed") for module in model.modules()):
         keep_compressed(model)
     report = convert(model, options, fuse=fuse)
-    report = dataclasses.replace(report, dense_layers=gemv.convert_dense_linears(model))
+    head_decision = quantize_head(model, lm_head, options) if lm_head is not None else None
+    layers = report.layers + ((head_decision,) if head_decision is not None else ())
+    report = dataclasses.replace(report, layers=layers, dense_layers=gemv.convert_dense_linears(model))
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)

@@ -58,12 +58,17 @@ def refused(module_path: str, reason: str) -> LayerPlan:
 
 
 def decide(
-    layer: QuantizedLinear, weights: QuantizedWeights, bias: torch.Tensor | None, options: Options
+    layer: QuantizedLinear,
+    weights: QuantizedWeights,
+    bias: torch.Tensor | None,
+    options: Options,
+    skip: tuple[str, ...] = (),
 ) -> LayerPlan:
-    """Walk the chain; the first kernel that can run here, takes the layer and passes its
-    self-check on the layer's own packed constants wins. Each "no" is kept as a sentence."""
+    """Walk the chain (less the kernels named in ``skip``); the first kernel that can run here,
+    takes the layer and passes its self-check on the layer's own packed constants wins. Each "no"
+    is kept as a sentence."""
     reasons = ["kernel='default' was asked for"] if options.kernel == DEFAULT else []
-    for kernel in options.kernels:
+    for kernel in (k for k in options.kernels if k.name not in skip):
         reason = kernel.platform_reason(options.forced) or kernel.layer_reason(layer)
         if reason is None:
             try:
