@@ -47,10 +47,12 @@ def _base_class(cls: type) -> type:
 
 
 @functools.cache
-def _kernel_class(cls: type, kernel: Kernel, names: tuple[str, ...]) -> type:
+def kernel_class(cls: type, kernel: Kernel, names: tuple[str, ...], forward: type = KernelForward) -> type:
+    """``cls`` (less any forward we mixed in before) calling ``kernel`` through ``forward``."""
     base = _base_class(cls)
     attributes = {"zen_woq_kernel": kernel, "zen_woq_target": staticmethod(kernel.target), "zen_woq_constant_names": names}
-    return type(f"{kernel.name.title().replace('-', '')}{base.__name__}", (KernelForward, base), attributes)
+    prefix = forward.__name__.removesuffix("Forward").replace("Kernel", "")
+    return type(f"{prefix}{kernel.name.title().replace('-', '')}{base.__name__}", (forward, base), attributes)
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -124,7 +126,7 @@ def adopt(module: torch.nn.Module, plan: plans.LayerPlan, keep_weight: bool = Fa
     for name, tensor in plan.constants.items():
         module.register_buffer(f"zen_woq_{name}", tensor, persistent=False)
     module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
-    module.__class__ = _kernel_class(type(module), plan.kernel, tuple(plan.constants))
+    module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants))
     module.zen_woq_decision = plan.decision
 
 

@@ -13,12 +13,11 @@ sub-expression elimination keeps one call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from zen_woq_pass import plan as plans
-from zen_woq_pass.convert import KernelForward, _base_class, adopt, describe_module, is_convertible
+from zen_woq_pass.convert import KernelForward, adopt, describe_module, is_convertible, kernel_class
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.match import NotRecoverable
 from zen_woq_pass.options import Options
@@ -64,13 +63,6 @@ class FusedForward(KernelForward):
         constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
         y = self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, self.zen_woq_fused_bias))
         return self.zen_woq_pending.keep(self.zen_woq_index, input, y)
-
-
-@functools.cache
-def _fused_class(cls: type, kernel, names: tuple[str, ...]) -> type:
-    base = _base_class(cls)
-    attributes = {"zen_woq_kernel": kernel, "zen_woq_target": staticmethod(kernel.target), "zen_woq_constant_names": names}
-    return type(f"Fused{kernel.name.title().replace('-', '')}{base.__name__}", (FusedForward, base), attributes)
 
 
 def _concatenate(layers: list[QuantizedLinear], weights: list[QuantizedWeights], path: str):
@@ -122,7 +114,7 @@ def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options:
         )
         adopt(module, dataclasses.replace(plan, decision=decision))
         module.register_buffer("zen_woq_fused_bias", bias, persistent=False)
-        module.__class__ = _fused_class(_base_class(type(module)), plan.kernel, tuple(plan.constants))
+        module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants), FusedForward)
         module.zen_woq_index, module.zen_woq_columns, module.zen_woq_pending = index, columns[index], pending
     return True
 
