@@ -110,6 +110,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+ZEN4_CPU = platform.CpuInfo(
+    vendor="AuthenticAMD",
+    model_name="AMD EPYC 9654 (simulated)",
+    family=0x19,
+    model=0x11,
+    flags=frozenset("fpu sse sse2 avx avx2 fma bmi2 avx512f avx512bw avx512vl avx512dq avx512_vnni avx512_bf16".split()),
+)
+
+
+@pytest.fixture
+def zen4_cpu(monkeypatch):
+    """Make the platform gate see a Zen 4 CPU (AVX512-BF16). Where the real CPU's gate says no,
+    ZenDNN's reference algorithm is set (above), so zentorch's answers are still right here."""
+    monkeypatch.setattr(platform, "cpu_info", lambda path="/proc/cpuinfo": ZEN4_CPU)
+    return ZEN4_CPU
+
+
 @pytest.fixture
 def zen3_cpu(monkeypatch):
     """Make the platform gate see a Zen 3 CPU (no AVX-512), whatever this machine is."""

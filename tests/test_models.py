@@ -63,13 +63,27 @@ def test_zero_points_and_bias_reach_the_kernel(checkpoints):
     assert len(with_bias) == 6  # q/k/v of two Qwen2 layers
 
 
+def _assert_measured_choice(report):
+    """Each layer on the faster of the two 4-bit kernels, with the slower one's time in its reasons."""
+    for decision in report.layers:
+        [measured] = [r for r in decision.reasons if "slower at M=1" in r]
+        loser, times = measured.split(": slower at M=1 (")
+        assert {loser, decision.kernel} == {"zentorch", "aten-int4"}
+        slower_ms, faster_ms = (float(t.split(" ms")[0].split()[-1]) for t in times.split(" against "))
+        assert slower_ms >= faster_ms
+
+
 def test_auto_follows_the_platform_gate_here(checkpoints):
     report = _compile_and_check(checkpoints("llama_sym_g128"), None)
     if zentorch_cpu_ok():
-        assert report.by_kernel() == {"zentorch": [d.module_path for d in report.layers]}
+        _assert_measured_choice(report)
     else:
         assert set(report.by_kernel()) == {"aten-int4"}
         assert all(d.reason == f"zentorch: {platform.zentorch_cpu_reason()}" for d in report.layers)
+
+
+def test_auto_measures_both_4_bit_kernels_where_both_qualify(checkpoints, zen4_cpu):
+    _assert_measured_choice(_compile_and_check(checkpoints("qwen2_asym_bias"), None))
 
 
 def test_auto_on_zen3_falls_through_to_the_aten_int4_kernel(checkpoints, zen3_cpu):

@@ -11,16 +11,13 @@ cheap, fair race), on its own weight, and the layer switches only if ``mv`` wins
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 import torch.nn.functional as F
 
 from zen_woq_pass.convert import KernelForward, is_quantized_linear
 from zen_woq_pass.keep_compressed import PackedForward
-
-TIMING_RUNS = 15
-
+from zen_woq_pass.measure import best_ms
 
 class GemvForward:
     """Mixed in before a Linear class: one row through ``torch.mv``, anything else through F.linear."""
@@ -39,16 +36,6 @@ def _gemv_class(cls: type) -> type:
     return type(f"Gemv{cls.__name__}", (GemvForward, cls), {})
 
 
-def _best_ms(fn) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(TIMING_RUNS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 _timings: dict[tuple, tuple[float, float]] = {}
 
 
@@ -58,7 +45,7 @@ def _timed(weight: torch.Tensor) -> tuple[float, float]:
     if key not in _timings:
         x = torch.randn(1, weight.shape[1]).to(weight.dtype)
         with torch.no_grad():
-            _timings[key] = _best_ms(lambda: F.linear(x, weight)), _best_ms(lambda: torch.mv(weight, x[0]))
+            _timings[key] = best_ms(lambda: F.linear(x, weight)), best_ms(lambda: torch.mv(weight, x[0]))
     return _timings[key]
 
 

@@ -24,6 +24,20 @@ def median_ms(fn, min_seconds: float = 0.3, min_runs: int = 5, max_runs: int = 2
     return statistics.median(times) * 1e3
 
 
+def best_ms(fn, runs: int = 20, warmup: int = 2) -> float:
+    """Fastest wall time of ``fn()`` in ms over ``runs`` calls: for races between kernels, where a
+    shared machine's slow spells should not decide."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        best = float("inf")
+        for _ in range(runs):
+            begin = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - begin)
+    return best * 1e3
+
+
 def read_bandwidth_gbs(megabytes: int = 256) -> float:
     """Memory read bandwidth (GB/s): summing a tensor much larger than the caches."""
     data = torch.ones(megabytes * 2**20 // 4)
