@@ -69,6 +69,21 @@ def test_any_call_order_and_another_input_give_each_sibling_its_own_answer():
     assert len(weights) == 2  # one packed weight and one scales tensor, shared by the three
 
 
+def test_each_thread_has_its_own_hand_over():
+    """Shared pending outputs would let a thread take another thread's output if it switched
+    between the identity check and the read; each thread has its own, so none can."""
+    import threading
+
+    fused = _attention_like()
+    convert(fused, Options.from_user({"kernel": "aten-int4"}))
+    x = torch.randn(1, 4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        other = threading.Thread(target=fused.q_proj, args=(x,))  # leaves k and v pending there
+        other.start()
+        other.join()
+    assert fused.k_proj.zen_woq_pending.input is None  # nothing pending in this thread
+
+
 def test_compiled_fused_model_makes_one_call_per_group(checkpoints):
     from torch._inductor.utils import run_and_get_code
 

@@ -5,14 +5,15 @@ SmolLM2's shapes q/k/v took 69 us as three calls and 35 us as one, gate/up 89 us
 siblings' weights are concatenated along the output dim and planned as one layer (same chain, same
 self-check), and held once. transformers' modeling code runs unchanged: the first sibling called
 computes every sibling's output, and the others take theirs when called on the same input tensor
-(on any other input they compute again, so the answer never depends on the call order). Under
-``torch.compile`` each sibling traces the same call and takes its slice; the graph's common
-sub-expression elimination keeps one call.
+(on any other input they compute again, so the answer never depends on the call order; each
+thread has its own hand-over). Under ``torch.compile`` dynamo traces the same hand-over, so the
+graph holds one call per group (tested).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -26,8 +27,8 @@ from zen_woq_pass.options import Options
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class PendingOutputs:
-    """Shared by one group's siblings (eager mode): the input last computed and each sibling's
+class PendingOutputs(threading.local):
+    """Shared by one group's siblings, per thread: the input last computed and each sibling's
     output not yet taken."""
 
     def __init__(self, columns: tuple[tuple[int, int], ...]):
@@ -50,10 +51,9 @@ class PendingOutputs:
 
 class FusedForward(KernelForward):
     """Mixed in before a Linear class: one sibling of a fused group. Its buffers ``zen_woq_*``
-    (shared by the group) compute every sibling's output; ``zen_woq_columns`` are its own."""
+    (shared by the group) compute every sibling's output; ``zen_woq_index`` says which is its own."""
 
     zen_woq_index: int
-    zen_woq_columns: tuple[int, int]
     zen_woq_pending: PendingOutputs
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options:
         adopt(module, dataclasses.replace(plan, decision=decision))
         module.register_buffer("zen_woq_fused_bias", bias, persistent=False)
         module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants), FusedForward)
-        module.zen_woq_index, module.zen_woq_columns, module.zen_woq_pending = index, columns[index], pending
+        module.zen_woq_index, module.zen_woq_pending = index, pending
     return True
 
 
