@@ -23,8 +23,11 @@ def test_doctor_gives_facts_self_checks_and_a_verdict():
     assert rc == 0, out
     assert "avx512_bf16:" in out and "zentorch     : 2.13" in out
     assert "self-check   : aten-int4: passed" in out
-    expected = "uses zentorch here" if platform.zentorch_cpu_reason() is None else "uses aten-int4 here"
-    assert expected in out.splitlines()[-1]
+    verdict = out.splitlines()[-1]
+    if platform.zentorch_cpu_reason() is None:  # both qualify: auto takes the faster, measured
+        assert ("uses zentorch here" in verdict or "uses aten-int4 here" in verdict) and "slower at M=1" in verdict
+    else:
+        assert "uses aten-int4 here" in verdict
 
 
 def test_run_on_the_embedded_model():

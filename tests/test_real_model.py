@@ -93,7 +93,8 @@ def inductor_measures():
 def _check(variant, kernel, compile, inductor):
     ref = reference(variant)
     model = zen_woq_pass.optimize(_load(ref.path), kernel=kernel, compile=compile)
-    assert set(model.zen_woq_report.by_kernel()) == {kernel if kernel != "auto" else model.zen_woq_report.layers[0].kernel}
+    kernels = set(model.zen_woq_report.by_kernel())
+    assert (kernels == {kernel}) if kernel != "auto" else (kernels <= {"zentorch", "aten-int4"})
     ppl, top1, kld = ref.measures(ref.logits_of(model))
     i_ppl, i_top1, i_kld = inductor
     print(
