@@ -29,7 +29,8 @@ from zen_woq_pass.testing import Recipe, make_checkpoint  # noqa: E402
 MODEL_SQNR_DB = 35.0
 MODEL_SQNR_SLACK_DB = 3.0
 
-def GROUP(size: int, symmetric: bool = True, **extra) -> dict:
+
+def group_args(size: int, symmetric: bool = True, **extra) -> dict:
     """4-bit group-quantized weight args for a custom llmcompressor scheme."""
     return {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": size, **extra}
 
@@ -42,10 +43,10 @@ RECIPES = {
     "llama_partial": Recipe(ignore=("lm_head", "re:.*mlp.down_proj", "re:.*layers.1.self_attn.*"), seed=4),
     # other producers of W4A16 (issue 11): AWQ (smoothing, then RTN with zero points), GPTQ with actorder
     "llama_awq": Recipe(algorithm="awq", scheme="W4A16_ASYM", seed=8),
-    "llama_actorder": Recipe(scheme=GROUP(128, actorder="weight"), seed=7),
+    "llama_actorder": Recipe(scheme=group_args(128, actorder="weight"), seed=7),
     # shapes the kernels refuse: out_features 584 and 600 (not multiples of 16), 73 groups of 8, odd group 3
-    "llama_n584_g8": Recipe(intermediate_size=584, algorithm="rtn", scheme=GROUP(8), seed=5),
-    "llama_odd_group": Recipe(hidden_size=384, intermediate_size=600, algorithm="rtn", scheme=GROUP(3, symmetric=False), seed=6),
+    "llama_n584_g8": Recipe(intermediate_size=584, algorithm="rtn", scheme=group_args(8), seed=5),
+    "llama_odd_group": Recipe(hidden_size=384, intermediate_size=600, algorithm="rtn", scheme=group_args(3, symmetric=False), seed=6),
 }
 
 ZEN3_CPU = platform.CpuInfo(
@@ -54,6 +55,15 @@ ZEN3_CPU = platform.CpuInfo(
     family=0x19,
     model=0x01,
     flags=frozenset("fpu sse sse2 avx avx2 fma bmi2".split()),
+)
+
+
+ZEN4_CPU = platform.CpuInfo(
+    vendor="AuthenticAMD",
+    model_name="AMD EPYC 9654 (simulated)",
+    family=0x19,
+    model=0x11,
+    flags=frozenset(platform.ZENTORCH_WOQ_FLAGS) | {"avx2"},
 )
 
 
@@ -108,15 +118,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-ZEN4_CPU = platform.CpuInfo(
-    vendor="AuthenticAMD",
-    model_name="AMD EPYC 9654 (simulated)",
-    family=0x19,
-    model=0x11,
-    flags=frozenset("fpu sse sse2 avx avx2 fma bmi2 avx512f avx512bw avx512vl avx512dq avx512_vnni avx512_bf16".split()),
-)
 
 
 @pytest.fixture

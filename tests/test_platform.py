@@ -1,13 +1,9 @@
 """The platform gate decides from CPU flags and from what zentorch registers."""
 
 import torch
-from conftest import ZEN3_CPU
+from conftest import ZEN3_CPU, ZEN4_CPU
 
 from zen_woq_pass import platform
-
-ZEN4_CPU = platform.CpuInfo(
-    "AuthenticAMD", "AMD EPYC 9654", 0x19, 0x11, frozenset(platform.ZENTORCH_WOQ_FLAGS) | {"avx2"}
-)
 
 
 def test_zen3_is_refused_with_the_missing_flags():
