@@ -29,19 +29,11 @@ VARIANTS = {  # name -> (fuse, torch.mv head)
 STEPS, WARMUP = 400, 50
 
 
-def _best_and_median_ms(fn, runs: int = 200) -> tuple[float, float]:
-    times = []
-    for _ in range(runs + 10):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times = times[10:]
-    return min(times) * 1e3, statistics.median(times) * 1e3
-
-
 def head_table(threads: int) -> str:
     import torch
     import torch.nn.functional as F
+
+    from zen_woq_pass.measure import best_ms, median_ms
 
     torch.set_num_threads(threads)
     n, k = 49152, 576
@@ -60,7 +52,7 @@ def head_table(threads: int) -> str:
     lines = [f"lm_head {n}x{k} at one row, {threads} threads", "| kernel | best ms | median ms |", "|---|---|---|"]
     with torch.no_grad():
         for name, fn in kernels.items():
-            best, median = _best_and_median_ms(fn)
+            best, median = best_ms(fn, runs=200), median_ms(fn, min_runs=200, min_seconds=0)
             lines.append(f"| {name} | {best:.2f} | {median:.2f} |")
     return "\n".join(lines)
 

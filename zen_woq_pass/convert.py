@@ -38,8 +38,11 @@ class KernelForward:
     zen_woq_constant_names: tuple[str, ...]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.zen_woq_call(input, self.bias)
+
+    def zen_woq_call(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
-        return self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, self.bias))
+        return self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, bias))
 
 
 def _base_class(cls: type) -> type:

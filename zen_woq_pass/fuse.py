@@ -60,25 +60,23 @@ class FusedForward(KernelForward):
         mine = self.zen_woq_pending.take(self.zen_woq_index, input)
         if mine is not None:
             return mine
-        constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
-        y = self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, self.zen_woq_fused_bias))
+        y = self.zen_woq_call(input, self.zen_woq_fused_bias)
         return self.zen_woq_pending.keep(self.zen_woq_index, input, y)
 
 
 def _concatenate(layers: list[QuantizedLinear], weights: list[QuantizedWeights], path: str):
     """One layer whose output is the siblings' outputs side by side, or None when they differ in
-    anything but out_features (input, groups, zero points, form, bias)."""
+    anything but out_features (input, groups, zero points, form, having a bias)."""
     first = layers[0]
     same = {"out_features": 0, "module_path": ""}
     if any(dataclasses.replace(layer, **same) != dataclasses.replace(first, **same) for layer in layers):
         return None
     if first.has_g_idx:
         return None  # each sibling has its own column order
-    zero_points = [w.zero_point for w in weights]
     fused_weights = QuantizedWeights(
         q=torch.cat([w.q for w in weights]),
         scale=torch.cat([w.scale for w in weights]),
-        zero_point=torch.cat(zero_points) if first.has_zero_point else None,
+        zero_point=torch.cat([w.zero_point for w in weights]) if first.has_zero_point else None,
         g_idx=None,
     )
     fused_layer = dataclasses.replace(first, module_path=path, out_features=sum(layer.out_features for layer in layers))
@@ -92,10 +90,9 @@ def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options:
         return False  # each goes its own way, and its report row says why
     short = "+".join(name.rsplit(".", 1)[-1] for name, _ in members)
     fused = _concatenate([d[0] for d in described], [d[1] for d in described], f"{parent_name}.{{{short}}}")
-    biases = [module.bias for _, module in members]
-    if fused is None or (any(b is None for b in biases) and not all(b is None for b in biases)):
+    if fused is None:
         return False
-    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    bias = torch.cat([module.bias.detach() for _, module in members]) if fused[0].has_bias else None
     plan = plans.decide(*fused, bias, options)
     if plan.kernel is None:
         return False

@@ -19,6 +19,7 @@ from zen_woq_pass.convert import KernelForward, is_quantized_linear
 from zen_woq_pass.keep_compressed import PackedForward
 from zen_woq_pass.measure import best_ms
 
+
 class GemvForward:
     """Mixed in before a Linear class: one row through ``torch.mv``, anything else through F.linear."""
 

@@ -15,6 +15,7 @@ import torch
 
 from zen_woq_pass import plan as plans
 from zen_woq_pass.convert import adopt
+from zen_woq_pass.kernels import DENSE
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.options import Options
 from zen_woq_pass.report import LayerDecision
@@ -62,7 +63,7 @@ def quantize_head(model: torch.nn.Module, form: str, options: Options) -> LayerD
         activation_dtype=head.weight.dtype,
         weights_require_grad=False,
     )
-    plan = plans.decide(layer, round_to_int4(head.weight), head.bias, options, skip=("dense",))  # dense: no gain
+    plan = plans.decide(layer, round_to_int4(head.weight), head.bias, options, skip=(DENSE.name,))  # dense: no gain
     if plan.kernel is not None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         tied = embeddings is not None and getattr(embeddings, "weight", None) is head.weight
