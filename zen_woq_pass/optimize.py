@@ -17,6 +17,7 @@ import torch
 
 from zen_woq_pass import gemv
 from zen_woq_pass.convert import convert
+from zen_woq_pass.decode import compile_decode
 from zen_woq_pass.head import quantize_head
 from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.keep_compressed import keep_compressed
@@ -33,7 +34,6 @@ def optimize(
     lm_head: str | None = None,
     compile: bool = False,
     mode: str | None = None,
-    dynamic: bool | None = None,
     **inductor_config,
 ) -> torch.nn.Module:
     """Convert ``model`` in place and return it.
@@ -64,6 +64,5 @@ def optimize(
     return_freed_heap()
     model.zen_woq_report = report
     if compile:
-        backend_options = {"kernel": kernel, **inductor_config}
-        model.forward = torch.compile(model.forward, backend="zen_woq", mode=mode, dynamic=dynamic, options=backend_options)
+        compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
     return model
