@@ -4,14 +4,31 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zen_woq_pass
+from zen_woq_pass.measure import compare_greedy
 from zen_woq_pass.numerics import sqnr_db
 
 INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+NEW_TOKENS = 32
+_references = {}
 
 
 def load(path, dtype=torch.bfloat16, keep=True):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return zen_woq_pass.keep_compressed(model) if keep else model
+
+
+def load_reference(path):
+    """The eager kept-compressed model: compressed-tensors' own math, bit for bit (one per path)."""
+    if path not in _references:
+        _references[path] = load(path)
+    return _references[path]
+
+
+def assert_same_greedy(path, model, ids, tokens, reference_tokens):
+    """Greedy tokens equal the reference's, but where its best two logits are a near-tie."""
+    comparison = compare_greedy(load_reference(path), model, ids, tokens, reference_tokens)
+    print(comparison.explain())
+    assert comparison.acceptable, comparison.explain()
 
 
 def fp32_reference(path, input_ids=INPUT_IDS):

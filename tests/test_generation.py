@@ -4,20 +4,10 @@ weights at 4 bits with no extra call."""
 
 import pytest
 import torch
-from helpers import INPUT_IDS, load
+from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, load, load_reference
 
 import zen_woq_pass
-from zen_woq_pass.measure import compare_greedy, greedy, linear_weight_bytes
-
-NEW_TOKENS = 32
-_references = {}
-
-
-def load_reference(path):
-    """The eager kept-compressed model: compressed-tensors' own math, bit for bit."""
-    if path not in _references:
-        _references[path] = load(path)
-    return _references[path]
+from zen_woq_pass.measure import greedy, linear_weight_bytes
 
 
 def _compiled(path, kernel):
@@ -25,12 +15,6 @@ def _compiled(path, kernel):
     reference = greedy(load_reference(path), INPUT_IDS[:1], NEW_TOKENS)
     model.forward = torch.compile(model.forward, backend="zen_woq", options={"kernel": kernel})
     return model, reference
-
-
-def assert_same_greedy(path, model, ids, tokens, reference_tokens):
-    comparison = compare_greedy(load_reference(path), model, ids, tokens, reference_tokens)
-    print(comparison.explain())
-    assert comparison.acceptable, comparison.explain()
 
 
 @pytest.mark.parametrize(

@@ -35,19 +35,33 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     (source tensors, plan) of every replaced layer."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
-    decisions, folded, used = [], set(), []
+    decisions, folded, used, unpacking = [], set(), [], set()
     for match in find_quantized_linears(gm, values):
         plan = _plan(gm, match, values, options)
         decisions.append(plan.decision)
         if plan.kernel is not None:
+            unpacking |= _computing(match.weight)
             _splice(gm, match, plan)
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
             used.append((match.constant_values, plan))
-    gm.graph.eliminate_dead_code()
+    # Erase only the unpacking the kernels replaced: FX's dead-code pass would also drop in-place
+    # writes nobody reads, such as a static KV cache's update.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node not in unpacking or node.is_impure())
     gm.recompile()
     report_module.log(decisions)
     calls = tuple(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
     return gm, Report(options.kernel, tuple(decisions), calls), tuple(sorted(folded)), tuple(used)
+
+
+def _computing(weight: fx.Node) -> set[fx.Node]:
+    """The nodes ``weight`` is computed from, less the graph's inputs."""
+    found, todo = set(), [weight]
+    while todo:
+        node = todo.pop()
+        if node not in found and node.op != "placeholder":
+            found.add(node)
+            todo.extend(node.all_input_nodes)
+    return found
 
 
 def _plan(gm, match: Match, values, options: Options) -> plans.LayerPlan:

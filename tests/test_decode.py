@@ -1,0 +1,76 @@
+"""``optimize(compile=True)``: ``generate`` decodes through one compiled graph (static cache, dynamic
+length) and prefills eagerly. The same greedy tokens as the eager reference but for near-ties,
+every 4-bit call of the step in that graph with no unpack, no recompile for new prompt lengths or
+longer generations, and the head's ``mv`` one opaque op in compiled code."""
+
+import torch
+from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, load, load_reference
+from torch._inductor.utils import run_and_get_code
+from transformers.generation.configuration_utils import CompileConfig
+
+import zen_woq_pass
+from zen_woq_pass import gemv
+from zen_woq_pass.measure import greedy
+
+KERNEL_CALLS = ("int4pack", "zentorch_woq_linear")
+
+
+def _graphs_compiled_by(fn) -> list:
+    before = len(zen_woq_pass.recent_reports())
+    fn()
+    return zen_woq_pass.recent_reports()[before:]
+
+
+def test_generate_decodes_through_one_graph_for_every_length(checkpoints):
+    path = checkpoints("llama_sym_g128")
+    reference = greedy(load_reference(path), INPUT_IDS[:1], NEW_TOKENS)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=True)
+    tokens = []
+    graphs = _graphs_compiled_by(lambda: tokens.append(greedy(model, INPUT_IDS[:1], NEW_TOKENS)))
+    assert_same_greedy(path, model, INPUT_IDS[:1], tokens[0], reference)
+    assert len(graphs) == 1, [g.graph_calls for g in graphs]
+    step = graphs[0]
+    # 2 decoder layers: q/k/v fused, o, gate/up fused, down; the weights were unpacked once, before
+    assert sum(step.count_calls(call) for call in KERNEL_CALLS) == 8, step.graph_calls
+    assert step.count_calls("rshift") == 0 and step.count_calls("bitwise") == 0
+
+    def new_lengths():
+        for length, new in ((5, 3), (12, 40), (23, 7)):
+            ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(length))
+            greedy(model, ids, new)
+
+    assert _graphs_compiled_by(new_lengths) == []  # a longer static cache is the same graph
+    with torch.no_grad():
+        assert _graphs_compiled_by(lambda: model(INPUT_IDS)) == []  # a plain forward stays eager
+
+
+def test_a_users_own_compile_config_is_honoured(checkpoints):
+    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), compile=True)
+    ours = model.get_compiled_call(model.generation_config.compile_config)
+    assert model.get_compiled_call(None) is ours
+    assert model.get_compiled_call(CompileConfig(backend="inductor")) is not ours
+
+
+def test_the_heads_mv_is_one_op_in_compiled_code():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 320, bias=False).to(torch.bfloat16)
+    head.__class__ = gemv._gemv_class(torch.nn.Linear)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = head(x)
+        compiled, (code,) = run_and_get_code(torch.compile(head, backend="zen_woq"), x)
+    assert torch.equal(compiled, eager) and torch.equal(eager[0, 0], torch.mv(head.weight, x[0, 0]))
+    assert "zen_woq.mv" in code
+
+
+def test_in_place_writes_nobody_reads_survive_the_pass():
+    """A static KV cache's update has no users in the graph; the pass erases only the unpacking it
+    replaced (FX's dead-code pass alone dropped the update: wrong tokens from the third on)."""
+
+    def step(cache, position, value):
+        cache.index_copy_(0, position, value)
+        return value * 2
+
+    cache, value = torch.zeros(4, 3), torch.ones(1, 3)
+    out = torch.compile(step, backend="zen_woq", fullgraph=True)(cache, torch.tensor([2]), value)
+    assert torch.equal(out, value * 2) and torch.equal(cache[2], value[0]) and cache.sum() == 3
