@@ -23,7 +23,10 @@ from zen_woq_pass.backend import zen_woq
 def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
     """Make ``model.generate`` decode through one ``backend="zen_woq"`` graph (in place)."""
     backend = functools.partial(zen_woq, options=backend_options, mode=mode)
-    compiled = torch.compile(model.__call__, backend=backend, dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
+    # (the backend's identity guard), and an optimized model is not rebuilt in place.
+    skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    compiled = torch.compile(model.__call__, backend=backend, dynamic=True, options=skip_module_guards)
 
     def decode_step(*args, **kwargs):
         # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make

@@ -41,13 +41,13 @@ def optimize(
     ``kernel``: "auto", a kernel's name ("zentorch", "aten-int4", "dense") or "default" (see the
     backend's options). By default the layers run their kernels eagerly: on SmolLM2-135M that was
     2.25x transformers' decode speed with a first ``generate`` of 1.7 s (README, this CPU).
-    ``compile=True`` also compiles the forward with ``backend="zen_woq"`` (Inductor fuses the rest):
-    17 % more decode speed for about 145 s of compiling (``generate`` compiles several graphs), for
+    ``compile=True`` also compiles ``generate``'s decode step, once, as one ``backend="zen_woq"``
+    graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
+    faster decoding for a first ``generate`` that compiles (README: numbers on this CPU), for
     long runs. ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel
     call (:mod:`zen_woq_pass.fuse`; the same numbers, fewer calls). ``lm_head="int4"`` rounds the
     dense output Linear to 4 bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is
-    opt-in). ``mode``, ``dynamic`` and any other keyword (an Inductor config patch) go to
-    ``torch.compile``.
+    opt-in). ``mode`` and any other keyword (an Inductor config patch) go to the backend.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """
