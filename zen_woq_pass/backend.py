@@ -19,7 +19,7 @@ import weakref
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from zen_woq_pass import choose, convert, gemv, plan, platform, selfcheck
+from zen_woq_pass import choose, convert, gemv, plan, platform, prefill, selfcheck
 from zen_woq_pass import report as report_module
 from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass.rewrite import rewrite
@@ -39,6 +39,7 @@ def reset() -> None:
     plan.clear()
     selfcheck.clear()
     gemv.clear()
+    prefill.clear()
     choose.clear()
     report_module.clear()
     platform.clear_caches()

@@ -42,7 +42,8 @@ class KernelForward:
 
     def zen_woq_call(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
-        return self.zen_woq_target(*self.zen_woq_kernel.arguments(input, constants, bias))
+        target = self.zen_woq_target if torch.compiler.is_compiling() else self.zen_woq_eager_target
+        return target(*self.zen_woq_kernel.arguments(input, constants, bias))
 
 
 def _base_class(cls: type) -> type:
@@ -53,7 +54,12 @@ def _base_class(cls: type) -> type:
 def kernel_class(cls: type, kernel: Kernel, names: tuple[str, ...], forward: type = KernelForward) -> type:
     """``cls`` (less any forward we mixed in before) calling ``kernel`` through ``forward``."""
     base = _base_class(cls)
-    attributes = {"zen_woq_kernel": kernel, "zen_woq_target": staticmethod(kernel.target), "zen_woq_constant_names": names}
+    attributes = {
+        "zen_woq_kernel": kernel,
+        "zen_woq_target": staticmethod(kernel.target),
+        "zen_woq_eager_target": staticmethod(kernel.eager_target or kernel.target),
+        "zen_woq_constant_names": names,
+    }
     prefix = forward.__name__.removesuffix("Forward").replace("Kernel", "")
     return type(f"{prefix}{kernel.name.title().replace('-', '')}{base.__name__}", (forward, base), attributes)
 

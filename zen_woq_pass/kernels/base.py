@@ -30,6 +30,8 @@ class Kernel(abc.ABC):
         """Compile-time weight preparation: the constants the call reads, by argument name."""
 
     target: Callable[..., Any]
+    # the same call for a converted module's eager forward, where it may differ (None: ``target``)
+    eager_target: Callable[..., Any] | None = None
 
     @abc.abstractmethod
     def arguments(self, x, constants: dict, bias) -> tuple:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from zen_woq_pass import eligibility
+from zen_woq_pass import eligibility, prefill
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
@@ -27,14 +27,23 @@ def kernel_group_size(group_size: int) -> int | None:
     return next((g for g in GROUP_SIZES if group_size % g == 0), None)
 
 
-def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
-    """x [..., K] -> [..., N]; weight uint8 [N, K/2] packed here; scales_and_zeros [G, N, 2]."""
+def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None, by_rows: bool = False):
+    """x [..., K] -> [..., N]; weight uint8 [N, K/2] packed here; scales_and_zeros [G, N, 2].
+    ``by_rows``: many rows may take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     group_size = x.shape[-1] // scales_and_zeros.shape[0]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
+
+    def kernel():
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
+
+    y = prefill.linear(rows, weight, scales_and_zeros, group_size, kernel) if by_rows else kernel()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4pack_linear_by_rows(x, weight, scales_and_zeros, bias):
+    return int4pack_linear(x, weight, scales_and_zeros, bias, by_rows=True)
 
 
 class Int4PackKernel(Kernel):
@@ -71,6 +80,7 @@ class Int4PackKernel(Kernel):
         return {"weight": packed, "scales_and_zeros": scales_and_zeros.to(layer.activation_dtype)}
 
     target = staticmethod(int4pack_linear)
+    eager_target = staticmethod(int4pack_linear_by_rows)
 
     def arguments(self, x, constants, bias) -> tuple:
         return (x, constants["weight"], constants["scales_and_zeros"], bias)
