@@ -12,7 +12,7 @@ from importlib import resources
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import doctor, measure, smollm2
+from zen_woq_pass import doctor, measure, prefill, smollm2
 from zen_woq_pass.kernels import KERNELS
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -66,6 +66,8 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compil
     first_s = time.perf_counter() - start
     timing = measure.time_generation(model, ids, new_tokens)
     print(model.zen_woq_report)
+    if prefill.choices():
+        print("prompt rows, measured on this prompt:\n" + "\n".join(f"  {choice}" for choice in prefill.choices()))
     comparison = measure.compare_greedy(dense, model, ids, tokens, reference)
     print(f"\nprompt              : {prompt!r}")
     print(f"answer (zen_woq)    : {tokenizer.decode(tokens[0], skip_special_tokens=True)!r}")
