@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
 
-from zen_woq_pass.measure import best_ms
 from zen_woq_pass.numerics import sqnr_db
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 MIN_ROWS = 16  # below this the 4-bit kernel is not raced: a GEMV kernel's ground
 MIN_SQNR_DB = 40.0  # the dense path against the kernel on the same rows
 HALF_BLOCK = {"AVX512": 32, "AVX2": 16}  # torch's CPU capability -> BLOCK_N / 2
+
+
+def decoded_here() -> bool:
+    """Whether this CPU's int4 layout (torch's CPU capability) is one :func:`codes` reads."""
+    return torch.backends.cpu.get_cpu_capability() in HALF_BLOCK
 
 
 def codes(packed: torch.Tensor, out_features: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor | None:
@@ -107,24 +112,33 @@ def _bucket(rows: int) -> int:
 
 
 def linear(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, kernel) -> torch.Tensor:
-    """``kernel(rows)`` (aten's int4 matmul), or the dense path where it was measured faster."""
+    """``kernel()`` (aten's int4 matmul of ``rows``), or the dense path where it was measured faster."""
     if rows.shape[0] < MIN_ROWS:
         return kernel()
     n, k = scales_and_zeros.shape[1], rows.shape[1]
     key = (n, k, group_size, rows.dtype, _bucket(rows.shape[0]))
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _race(rows, packed, scales_and_zeros, kernel, key)
-        logger.info("zen_woq prefill: %s", choice)
+        _choices[key], answer = _race(rows, packed, scales_and_zeros, kernel, key)
+        logger.info("zen_woq prefill: %s", _choices[key])
+        return answer
     return dense_linear(rows, packed, scales_and_zeros) if choice.dense else kernel()
 
 
-def _race(rows, packed, scales_and_zeros, kernel, key) -> Choice:
+def _race(rows, packed, scales_and_zeros, kernel, key) -> tuple[Choice, torch.Tensor]:
+    """Each path once, on this call's rows (the kernel's answer serves the call): a long prompt on
+    a big model costs seconds per kernel call, and the gap measured here is 3-5x, not noise."""
     n, k, group_size, dtype, bucket = key
     shape = f"{n}x{k} g{group_size} {str(dtype).removeprefix('torch.')}"
-    kernel_ms = best_ms(kernel, runs=3, warmup=1)
-    if dequantize(packed, scales_and_zeros) is None:
-        return Choice(shape, bucket, False, kernel_ms, None, None)
-    dense_ms = best_ms(lambda: dense_linear(rows, packed, scales_and_zeros), runs=3, warmup=1)
-    sqnr = sqnr_db(dense_linear(rows, packed, scales_and_zeros).float(), kernel().float())
-    return Choice(shape, bucket, dense_ms < kernel_ms and sqnr >= MIN_SQNR_DB, kernel_ms, dense_ms, sqnr)
+    kernel_ms, answer = _timed(kernel)
+    if not decoded_here():
+        return Choice(shape, bucket, False, kernel_ms, None, None), answer
+    dense_ms, dense = _timed(lambda: dense_linear(rows, packed, scales_and_zeros))
+    sqnr = sqnr_db(dense.float(), answer.float())
+    return Choice(shape, bucket, dense_ms < kernel_ms and sqnr >= MIN_SQNR_DB, kernel_ms, dense_ms, sqnr), answer
+
+
+def _timed(fn) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    result = fn()
+    return (time.perf_counter() - start) * 1e3, result
