@@ -39,9 +39,10 @@ def best_ms(fn, runs: int = 20, warmup: int = 2) -> float:
 
 
 def read_bandwidth_gbs(megabytes: int = 256) -> float:
-    """Memory read bandwidth (GB/s): summing a tensor much larger than the caches."""
+    """Memory read bandwidth (GB/s): summing a tensor much larger than the caches, the best of 10
+    (on a shared host a median still read 8.5 GB/s among 20-22: a bound must not be that low)."""
     data = torch.ones(megabytes * 2**20 // 4)
-    return data.nbytes / median_ms(lambda: data.sum(), min_runs=5) / 1e6
+    return data.nbytes / best_ms(lambda: data.sum(), runs=10) / 1e6
 
 
 def rss_mb() -> float:

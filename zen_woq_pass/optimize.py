@@ -40,11 +40,11 @@ def optimize(
 
     ``kernel``: "auto", a kernel's name ("zentorch", "aten-int4", "dense") or "default" (see the
     backend's options). By default the layers run their kernels eagerly: on SmolLM2-135M that was
-    2.25x transformers' decode speed with a first ``generate`` of 1.7 s (README, this CPU).
+    2.3x transformers' decode speed with a first ``generate`` of 1.5 s (README, this CPU); a
+    prompt's many rows take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`).
     ``compile=True`` also compiles ``generate``'s decode step, once, as one ``backend="zen_woq"``
     graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
-    faster decoding for a first ``generate`` that compiles (README: numbers on this CPU), for
-    long runs. ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel
+    there 3.4x transformers for a first ``generate`` of 52 s, for long runs. ``fuse``: sibling projections reading one input (q/k/v, gate/up) share one kernel
     call (:mod:`zen_woq_pass.fuse`; the same numbers, fewer calls). ``lm_head="int4"`` rounds the
     dense output Linear to 4 bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is
     opt-in). ``mode`` and any other keyword (an Inductor config patch) go to the backend.
