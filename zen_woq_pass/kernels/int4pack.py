@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from zen_woq_pass import eligibility, prefill
+from zen_woq_pass.kernels import int4pack_layout
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
@@ -36,7 +37,11 @@ def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: tor
     def kernel():
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
 
-    y = prefill.linear(rows, weight, scales_and_zeros, group_size, kernel) if by_rows else kernel()
+    if by_rows:
+        dense = (lambda: int4pack_layout.dense_linear(rows, weight, scales_and_zeros)) if int4pack_layout.decoded_here() else None
+        y = prefill.linear(rows, ("aten-int4", weight.shape[0], rows.shape[1], group_size), kernel, dense)
+    else:
+        y = kernel()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,137 @@
+"""The package's own AVX512-BF16 kernel: its packed layout decodes to compressed-tensors' own bf16
+weights bit for bit, its product is within bf16 rounding of the fp32 reference for one row and
+many (with and without zero points, bias, a 64-input tail, bf16 and fp32 scales), and it says no,
+with the reason, where it cannot run or cannot take a layer."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
+from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled
+from test_eligibility import GOOD
+from test_prefill import LAYER_SQNR_DB
+
+import zen_woq_pass
+from zen_woq_pass import ct_format, native, numerics, prefill
+from zen_woq_pass.kernels import KERNELS
+from zen_woq_pass.layer import QuantizedWeights
+from zen_woq_pass.numerics import sqnr_db
+
+KERNEL = KERNELS["avx512-int4"]
+needs_the_kernel = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"avx512-int4: {native.unavailable_reason()}")
+SHAPES = [(64, 576, 64), (24, 576, 576), (16, 640, 128), (40, 256, 128), (8, 64, 64), (32, 1024, 256)]
+
+
+def _weights(n, k, group_size, zero_points, scale_dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=generator)
+    zero_point = torch.randint(-8, 8, (n, k // group_size), dtype=torch.int8, generator=generator) if zero_points else None
+    scale = (torch.rand(n, k // group_size, generator=generator) / 50 + 1e-3).to(scale_dtype)
+    return QuantizedWeights(q, scale, zero_point, None)
+
+
+def _layer(n, k, group_size, zero_points, has_bias=False):
+    return dataclasses.replace(GOOD, out_features=n, in_features=k, num_groups=k // group_size, has_zero_point=zero_points, has_bias=has_bias)
+
+
+def _ct_bf16_weight(weights, group_size):
+    """compressed-tensors' dequantization in the scale's dtype, rounded to bf16 as transformers holds it."""
+    zero = weights.zero_point if weights.zero_point is not None else torch.zeros_like(weights.scale, dtype=torch.int8)
+    dtype = weights.scale.dtype
+    values = (weights.q.to(dtype) - zero.to(dtype).repeat_interleave(group_size, 1)) * weights.scale.repeat_interleave(group_size, 1)
+    return values.to(torch.bfloat16)
+
+
+@needs_the_kernel
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("zero_points", [False, True])
+@pytest.mark.parametrize("n, k, group_size", SHAPES)
+def test_the_layout_decodes_to_compressed_tensors_weights(n, k, group_size, zero_points, scale_dtype):
+    weights = _weights(n, k, group_size, zero_points, scale_dtype)
+    constants = KERNEL.pack(_layer(n, k, group_size, zero_points), weights)
+    ours = torch.ops.zen_woq_native.int4_dequantize(constants["weight"], constants["scales"], constants["zeros"])
+    assert torch.equal(ours, _ct_bf16_weight(weights, group_size))
+
+
+@needs_the_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("zero_points, bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("n, k, group_size", SHAPES)
+def test_the_product_is_within_bf16_rounding_of_the_fp32_reference(n, k, group_size, zero_points, bias, rows):
+    weights = _weights(n, k, group_size, zero_points, torch.bfloat16, seed=rows)
+    constants = KERNEL.pack(_layer(n, k, group_size, zero_points, bias), weights)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+    b = torch.randn(n, generator=generator).to(torch.bfloat16) if bias else None
+    y = KERNEL.run(x, constants, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point, None)
+    assert numerics.worst_excess(y, x, exact, b) <= 1.0
+
+
+@needs_the_kernel
+def test_a_batch_of_sequences_reshapes_like_a_linear():
+    weights = _weights(16, 128, 64, False, torch.bfloat16)
+    constants = KERNEL.pack(_layer(16, 128, 64, False), weights)
+    x = torch.randn(2, 3, 128).to(torch.bfloat16)
+    y = KERNEL.run(x, constants, None)
+    assert y.shape == (2, 3, 16)
+    assert torch.equal(y[1, 2], KERNEL.run(x[1, 2:3].contiguous(), constants, None)[0])
+
+
+def test_it_says_why_not_where_the_cpu_lacks_avx512_bf16(zen3_cpu):
+    assert "lacks" in KERNEL.platform_reason(False) and "avx512" in KERNEL.platform_reason(False)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"out_features": 20}, "out_features 20 is not a multiple of 8"),
+        ({"in_features": 96, "num_groups": 1}, "in_features 96 is not a multiple of 64"),
+        ({"in_features": 256, "num_groups": 8}, "group size 32 is not a multiple of 64"),
+        ({"activation_dtype": torch.float16}, "activations are torch.float16"),
+    ],
+)
+def test_it_says_why_not_for_a_layer_it_cannot_take(change, reason):
+    assert reason in KERNEL.layer_reason(dataclasses.replace(GOOD, **change))
+
+
+@needs_the_kernel
+@pytest.mark.parametrize("name", ["llama_sym_g128", "qwen2_asym_bias"])
+def test_forced_it_takes_every_layer_of_a_real_checkpoint_in_a_compiled_graph(checkpoints, name):
+    path = checkpoints(name)
+    model = load(path)
+    with torch.no_grad():
+        eager = model(INPUT_IDS).logits
+    compiled = run_compiled(model, {"kernel": "avx512-int4"})
+    assert_close_to_reference(compiled, eager, fp32_reference(path), MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB)
+    report = zen_woq_pass.last_report()
+    assert set(report.by_kernel()) == {"avx512-int4"}
+    assert count(report, "avx512_int4_linear") == 14 and count(report, "rshift") == 0
+
+
+@needs_the_kernel
+def test_auto_leaves_it_out():
+    assert KERNELS["avx512-int4"] not in zen_woq_pass.options.Options().kernels
+
+
+@needs_the_kernel
+def test_an_optimized_layer_is_right_on_both_sides_of_the_row_threshold(checkpoints):
+    path = checkpoints("llama_sym_g128")
+    model = zen_woq_pass.optimize(load(path, keep=False), kernel="avx512-int4")
+    layer = model.model.layers[0].mlp.down_proj
+    decompressed = load(path, torch.float32, keep=False)
+    with torch.no_grad():
+        decompressed(INPUT_IDS[:, :2])  # transformers decompresses on the first forward: the fp32 reference
+    reference = decompressed.model.layers[0].mlp.down_proj.weight.detach()
+    prefill.clear()
+    for rows in (prefill.MIN_ROWS - 1, prefill.MIN_ROWS, 200):
+        x = torch.randn(1, rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.no_grad():
+            got = layer(x)
+        assert sqnr_db(got.float(), x.float() @ reference.T) >= LAYER_SQNR_DB
+    raced = prefill.choices()
+    print("\n".join(map(str, raced)))
+    assert [choice.rows for choice in raced] == [16, 256] and all("avx512-int4" in choice.shape for choice in raced)
+    assert all(choice.sqnr >= prefill.MIN_SQNR_DB for choice in raced)
