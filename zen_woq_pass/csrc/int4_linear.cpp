@@ -26,10 +26,7 @@ namespace {
 constexpr int64_t BLOCK = 8;       // rows per block of the layout
 constexpr int64_t CHUNK = 128;     // inputs per 64 bytes of a row
 constexpr int64_t HALF = 64;       // inputs per 32 bytes: groups are multiples of it
-#ifndef PF
-#define PF 4
-#endif
-constexpr int64_t PREFETCH = PF;    // chunks ahead
+constexpr int64_t PREFETCH = 4;    // chunks ahead (8 and 16 measured no faster)
 using bf16 = c10::BFloat16;
 
 inline __m512 load_scales(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
