@@ -1,10 +1,14 @@
-// zen_woq's own 4-bit x bf16 matmul for CPUs with AVX512-BF16 (Zen 4, Intel Cooper Lake and later).
+// zen_woq's own 4-bit x bf16 matmul for CPUs with AVX512-BF16 (Zen 4 and later, Intel Sapphire
+// Rapids and later).
 //
-// Why: a decode step is one row, and PyTorch's int4 CPU kernel reads its weights at about half the
-// memory bandwidth there. Here each 4-bit code c becomes the bf16 number 128 + c exactly (the
-// exponent of 128 with c as the low mantissa bits: one byte interleave), and VDPBF16PS multiplies
-// 32 of them with x per instruction, in fp32. Per group, sum(w * x) = scale * (sum((128 + c) * x)
-// - (128 + zero) * sum(x)): exact products, fp32 sums, one rounding to bf16 at the end.
+// Why: a decode step is one row, and PyTorch's int4 CPU kernel reads its weights far below the
+// memory bandwidth there. Measured on an Intel Xeon, this one is faster with its weights in L2 and
+// no faster in a real decode (README): opt-in until a CPU shows otherwise.
+//
+// Each 4-bit code c becomes the bf16 number 128 + c exactly (the exponent of 128 with c as the low
+// mantissa bits: one byte interleave), and VDPBF16PS multiplies 32 of them with x per instruction,
+// in fp32. Per group, sum(w * x) = scale * (sum((128 + c) * x) - (128 + zero) * sum(x)): exact
+// products, fp32 sums, one rounding to bf16 at the end.
 //
 // Layout (zen_woq_pass/kernels/avx512_int4.py packs it): rows in blocks of 8. Per block, per chunk
 // of 128 inputs, each row's 64 bytes: byte 16i + 8h + j holds the code of input 32h + 8i + j in its
@@ -26,7 +30,7 @@ namespace {
 constexpr int64_t BLOCK = 8;       // rows per block of the layout
 constexpr int64_t CHUNK = 128;     // inputs per 64 bytes of a row
 constexpr int64_t HALF = 64;       // inputs per 32 bytes: groups are multiples of it
-constexpr int64_t PREFETCH = 4;    // chunks ahead (8 and 16 measured no faster)
+constexpr int64_t PREFETCH = 4;    // chunks ahead (8, 16 and 32 measured no faster)
 using bf16 = c10::BFloat16;
 
 inline __m512 load_scales(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
