@@ -10,7 +10,9 @@ path users and the benchmarks run.
 Tolerances used across the suite:
 - one layer: ``zen_woq_pass.numerics.error_bound`` (2**-7 of |x| @ |W|.T + |b|, from bf16 rounding);
 - a whole model: SQNR against the fp32 dequantized reference at least ``MODEL_SQNR_DB`` and no more
-  than ``MODEL_SQNR_SLACK_DB`` below what the eager bf16 compressed-tensors model itself reaches.
+  than ``MODEL_SQNR_SLACK_DB`` below what the eager bf16 compressed-tensors model itself reaches;
+- a converted layer of a real checkpoint on a prompt's rows, either prefill path: SQNR at least
+  ``LAYER_SQNR_DB`` against the fp32 reference (bf16 activations and outputs).
 """
 
 import os
@@ -28,6 +30,7 @@ from zen_woq_pass.testing import Recipe, make_checkpoint  # noqa: E402
 
 MODEL_SQNR_DB = 35.0
 MODEL_SQNR_SLACK_DB = 3.0
+LAYER_SQNR_DB = 35.0
 
 
 def group_args(size: int, symmetric: bool = True, **extra) -> dict:

@@ -31,6 +31,16 @@ def assert_same_greedy(path, model, ids, tokens, reference_tokens):
     assert comparison.acceptable, comparison.explain()
 
 
+def optimized_down_proj(path, kernel):
+    """Layer 0's down_proj after ``optimize(kernel=kernel)``, and its fp32 reference weight:
+    compressed-tensors' decompression in fp32 (transformers decompresses on the first forward)."""
+    model = zen_woq_pass.optimize(load(path, keep=False), kernel=kernel)
+    decompressed = load(path, torch.float32, keep=False)
+    with torch.no_grad():
+        decompressed(INPUT_IDS[:, :2])
+    return model.model.layers[0].mlp.down_proj, decompressed.model.layers[0].mlp.down_proj.weight.detach()
+
+
 def fp32_reference(path, input_ids=INPUT_IDS):
     """compressed-tensors' own decompression, run in fp32: the dequantized fp32 reference."""
     with torch.no_grad():

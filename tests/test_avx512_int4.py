@@ -7,10 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
-from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled
+from conftest import LAYER_SQNR_DB, MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
+from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, optimized_down_proj, run_compiled
 from test_eligibility import GOOD
-from test_prefill import LAYER_SQNR_DB
 
 import zen_woq_pass
 from zen_woq_pass import ct_format, native, numerics, prefill
@@ -35,14 +34,6 @@ def _layer(n, k, group_size, zero_points, has_bias=False):
     return dataclasses.replace(GOOD, out_features=n, in_features=k, num_groups=k // group_size, has_zero_point=zero_points, has_bias=has_bias)
 
 
-def _ct_bf16_weight(weights, group_size):
-    """compressed-tensors' dequantization in the scale's dtype, rounded to bf16 as transformers holds it."""
-    zero = weights.zero_point if weights.zero_point is not None else torch.zeros_like(weights.scale, dtype=torch.int8)
-    dtype = weights.scale.dtype
-    values = (weights.q.to(dtype) - zero.to(dtype).repeat_interleave(group_size, 1)) * weights.scale.repeat_interleave(group_size, 1)
-    return values.to(torch.bfloat16)
-
-
 @needs_the_kernel
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("zero_points", [False, True])
@@ -51,7 +42,8 @@ def test_the_layout_decodes_to_compressed_tensors_weights(n, k, group_size, zero
     weights = _weights(n, k, group_size, zero_points, scale_dtype)
     constants = KERNEL.pack(_layer(n, k, group_size, zero_points), weights)
     ours = torch.ops.zen_woq_native.int4_dequantize(constants["weight"], constants["scales"], constants["zeros"])
-    assert torch.equal(ours, _ct_bf16_weight(weights, group_size))
+    # compressed-tensors' dequantization in the scale's dtype, rounded to bf16 as transformers holds it
+    assert torch.equal(ours, ct_format.dequantize(weights.q, weights.scale, weights.zero_point).to(torch.bfloat16))
 
 
 @needs_the_kernel
@@ -118,13 +110,7 @@ def test_auto_leaves_it_out():
 
 @needs_the_kernel
 def test_an_optimized_layer_is_right_on_both_sides_of_the_row_threshold(checkpoints):
-    path = checkpoints("llama_sym_g128")
-    model = zen_woq_pass.optimize(load(path, keep=False), kernel="avx512-int4")
-    layer = model.model.layers[0].mlp.down_proj
-    decompressed = load(path, torch.float32, keep=False)
-    with torch.no_grad():
-        decompressed(INPUT_IDS[:, :2])  # transformers decompresses on the first forward: the fp32 reference
-    reference = decompressed.model.layers[0].mlp.down_proj.weight.detach()
+    layer, reference = optimized_down_proj(checkpoints("llama_sym_g128"), "avx512-int4")
     prefill.clear()
     for rows in (prefill.MIN_ROWS - 1, prefill.MIN_ROWS, 200):
         x = torch.randn(1, rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)

@@ -3,9 +3,9 @@ weights, and a converted layer right on both sides of the threshold against the 
 
 import pytest
 import torch
-from helpers import INPUT_IDS, load
+from conftest import LAYER_SQNR_DB
+from helpers import optimized_down_proj
 
-import zen_woq_pass
 from zen_woq_pass import prefill
 from zen_woq_pass.kernels import int4pack_layout
 from zen_woq_pass.numerics import sqnr_db
@@ -14,7 +14,6 @@ pytestmark = pytest.mark.skipif(
     not int4pack_layout.decoded_here(),
     reason=f"aten's int4 layout for CPU capability {torch.backends.cpu.get_cpu_capability()} is not decoded",
 )
-LAYER_SQNR_DB = 35.0  # bf16 activations and outputs against the fp32 reference, either path
 
 
 @pytest.mark.parametrize("out_features", [192, 80, 16])  # whole blocks; a partial last block; only that
@@ -46,13 +45,7 @@ def test_dequantized_weights_are_the_kernels_own(group_size, zero_points):
 
 
 def test_a_layer_is_right_on_both_sides_of_the_threshold(checkpoints):
-    path = checkpoints("llama_sym_g128")
-    model = zen_woq_pass.optimize(load(path, keep=False), kernel="aten-int4")
-    layer = model.model.layers[0].mlp.down_proj
-    decompressed = load(path, torch.float32, keep=False)
-    with torch.no_grad():
-        decompressed(INPUT_IDS[:, :2])  # transformers decompresses on the first forward: the fp32 reference
-    reference = decompressed.model.layers[0].mlp.down_proj.weight.detach()
+    layer, reference = optimized_down_proj(checkpoints("llama_sym_g128"), "aten-int4")
     packed, scales_and_zeros = layer.zen_woq_weight, layer.zen_woq_scales_and_zeros
     prefill.clear()
     for rows in (prefill.MIN_ROWS - 1, prefill.MIN_ROWS, 200):
