@@ -23,7 +23,7 @@ import time
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import native, plan, platform
+from zen_woq_pass import plan, platform
 from zen_woq_pass.testing import Recipe, make_checkpoint
 from zen_woq_pass.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
 
@@ -80,7 +80,6 @@ def main(argv=None):
         del model
         reports = {}
         kernels = ["auto", "aten-int4", "dense"] + (["zentorch"] if platform.zentorch_cpu_reason() is None else [])
-        kernels += ["avx512-int4"] if native.unavailable_reason() is None else []
         for kernel, compile in [(k, False) for k in kernels] + [("auto", True)]:
             torch._dynamo.reset()
             model = zen_woq_pass.optimize(load(), kernel=kernel, compile=compile)

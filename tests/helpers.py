@@ -7,6 +7,9 @@ import zen_woq_pass
 from zen_woq_pass.measure import compare_greedy
 from zen_woq_pass.numerics import sqnr_db
 
+# kernel -> a fragment of the call its layers become in a graph (rewritten, or traced from optimize)
+KERNEL_CALLS = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack", "avx512-int4": "int4_linear"}
+FOUR_BIT_KERNELS = frozenset(KERNEL_CALLS)
 INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 NEW_TOKENS = 32
 _references = {}

@@ -4,7 +4,7 @@ input embedding it may share left whole."""
 import pytest
 import torch
 from conftest import MODEL_SQNR_DB
-from helpers import INPUT_IDS, load
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load
 
 import zen_woq_pass
 from zen_woq_pass import ct_format
@@ -32,7 +32,7 @@ def test_int4_head_runs_a_4_bit_kernel_on_the_rounded_weight(checkpoints, tied):
     rounded = round_to_int4(model.lm_head.weight)
     model = zen_woq_pass.optimize(model, lm_head="int4")
     [head] = [d for d in model.zen_woq_report.layers if d.module_path == "lm_head"]
-    assert head.kernel in ("zentorch", "aten-int4") and head.weight_form == "rtn-int4"
+    assert head.kernel in FOUR_BIT_KERNELS and head.weight_form == "rtn-int4"
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     with torch.no_grad():
         hidden = model.model(INPUT_IDS).last_hidden_state

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import INPUT_IDS, load
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, KERNEL_CALLS, load
 from test_kernels import TransposedScaleKernel
 
 import zen_woq_pass
@@ -98,7 +98,7 @@ def test_generate_through_transformers_compile_config(checkpoints):
     reports = zen_woq_pass.recent_reports()[before:]
     assert reports, "transformers did not compile the decode step"
     kernel = model.zen_woq_report.layers[0].kernel
-    call = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack"}[kernel]
+    call = KERNEL_CALLS[kernel]
     assert all(r.count_calls(call) and not r.count_calls("rshift") for r in reports)  # kernels, no unpack
     tokens = out[:, INPUT_IDS.shape[1]:]
     # a static cache attends over padding: other bf16 rounding, so near-tied random logits may part later
@@ -120,7 +120,7 @@ def test_optimize_takes_a_model_in_any_state_and_holds_it_at_4_bits(checkpoints,
     with torch.no_grad():
         got = model(INPUT_IDS).logits
     decisions = model.zen_woq_report.layers
-    assert len(decisions) == 14 and {d.kernel for d in decisions} <= {"zentorch", "aten-int4"}
+    assert len(decisions) == 14 and {d.kernel for d in decisions} <= FOUR_BIT_KERNELS
     dense = sum(d.dense_bytes for d in decisions)
     assert linear_weight_bytes(model) == 0
     assert sum(d.held_bytes for d in decisions) / dense <= 0.3
@@ -151,7 +151,7 @@ def test_optimize_right_after_calibration_in_memory(tmp_path):
     zen_woq_pass.optimize(model)
     decisions = model.zen_woq_report.layers
     assert len(decisions) == 14 and all(d.weight_form == "fake-quant" for d in decisions), model.zen_woq_report
-    assert {d.kernel for d in decisions} <= {"zentorch", "aten-int4"}
+    assert {d.kernel for d in decisions} <= FOUR_BIT_KERNELS
     with torch.no_grad():
         got = model(INPUT_IDS).logits
     assert numerics.sqnr_db(got, want) >= 30

@@ -9,14 +9,11 @@ with the layer and the reason.
 import pytest
 import torch
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
-from helpers import INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled
 
 import zen_woq_pass
 from zen_woq_pass import ct_format
 from zen_woq_pass.testing import Recipe, make_checkpoint
-
-FOUR_BIT_KERNELS = {"zentorch", "aten-int4"}
-
 
 def _check_both_paths(path, options=None):
     """Compiled and ``optimize``d logits against the reference; returns the compiled report."""

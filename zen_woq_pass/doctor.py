@@ -8,7 +8,7 @@ import torch
 
 from zen_woq_pass import platform
 from zen_woq_pass.probe import packed_linear
-from zen_woq_pass.kernels import CHAIN, OPT_IN
+from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.report import DEFAULT_PATH, last_report
 
 SHOWN_FLAGS = ("avx2", "fma", *platform.ZENTORCH_WOQ_FLAGS, "amx_bf16")
@@ -43,10 +43,10 @@ def report() -> tuple[list[str], str]:
         lines.append(f"zentorch     : {zentorch.__version__} with torch {torch.__version__} (minor versions match); WOQ ops registered")
     lines.append(f"ZENDNNL_MATMUL_ALGO: {os.environ.get('ZENDNNL_MATMUL_ALGO', 'unset (ZenDNN default)')}")
     lines.append(f"zentorch gate: {platform.zentorch_cpu_reason() or 'this CPU can run zentorch WOQ'}")
-    for kernel in (*CHAIN, *OPT_IN):  # forced: the CPU gate is skipped, so this is the self-check's own verdict
+    for kernel in CHAIN:  # forced: the CPU gate is skipped, so this is the self-check's own verdict
         decision = probe(kernel.name)
         result = "passed (within the bf16 bound of the fp32 reference)" if decision.kernel == kernel.name else decision.reason
-        lines.append(f"self-check   : {kernel.name}{' (opt-in)' if kernel in OPT_IN else ''}: {result}")
+        lines.append(f"self-check   : {kernel.name}: {result}")
     auto = probe("auto")
     if auto.kernel == DEFAULT_PATH:
         return lines, f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."

@@ -6,7 +6,7 @@ Inductor uses too) into ``<cache>/native/<key>/``, under a file lock; ``key`` ha
 the flags, torch's version and the compiler's, so a changed one builds anew and a found library is
 whole (it is renamed into place when complete). torch's ``cpp_extension.load`` would need ninja and
 a Python module; a plain ``TORCH_LIBRARY`` shared object loaded by ``torch.ops.load_library`` needs
-neither. It is built for AVX512-BF16 and loaded only where the CPU has it: anywhere else its code
+neither. It is built for AVX512-VNNI and AVX512-BF16 and loaded only where the CPU has both: anywhere else its code
 must never run.
 """
 
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 _real_cpu_info = platform.cpu_info
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
-ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "fma")
+ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mfma")
 
 
 def _command(compiler: str, source: Path, out: Path) -> list[str]:
@@ -85,7 +85,7 @@ def unavailable_reason() -> str | None:
     for cpu in (platform.cpu_info(), _real_cpu_info()):
         missing = cpu.missing_flags(CPU_FLAGS)
         if missing:
-            return f"the CPU lacks {', '.join(missing)} (the kernel needs AVX512-BF16)"
+            return f"the CPU lacks {', '.join(missing)} (the kernel needs AVX512-VNNI and AVX512-BF16)"
     return _load_reason()
 
 

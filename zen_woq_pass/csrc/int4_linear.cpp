@@ -1,20 +1,23 @@
-// zen_woq's own 4-bit x bf16 matmul for CPUs with AVX512-BF16 (Zen 4 and later, Intel Sapphire
-// Rapids and later).
+// zen_woq's own 4-bit x bf16 matmul for CPUs with AVX512-VNNI and AVX512-BF16 (Zen 4 and later,
+// Intel Sapphire Rapids and later).
 //
 // Why: a decode step is one row, and PyTorch's int4 CPU kernel reads its weights far below the
-// memory bandwidth there. Measured on an Intel Xeon, this one is faster with its weights in L2 and
-// no faster in a real decode (README): opt-in until a CPU shows otherwise.
+// memory bandwidth there (README). Integer dot products are the cheapest way through 4-bit codes:
+// one VPDPBUSD multiplies 64 codes, as they sit in memory after one AND, with 64 bytes of x.
 //
-// Each 4-bit code c becomes the bf16 number 128 + c exactly (the exponent of 128 with c as the low
-// mantissa bits: one byte interleave), and VDPBF16PS multiplies 32 of them with x per instruction,
-// in fp32. Per group, sum(w * x) = scale * (sum((128 + c) * x) - (128 + zero) * sum(x)): exact
-// products, fp32 sums, one rounding to bf16 at the end.
+// Numerics. Per row of x and per weight group, x is written as 15-bit integers times a power of
+// two: xq = x * 2^(14 - e), with 2^e above the group's largest |x|. For bf16 inputs every element
+// within 2^7 of the group's largest is exact; smaller ones are rounded to a multiple of 2^-14 of
+// the group's scale 2^e. Each xq is split as 128 * hi + lo (hi signed, lo in 0..127), two int8
+// vectors for VPDPBUSD, whose int32 sums are exact. Per group,
+//   sum(w * x) = scale * 2^(e - 14) * (128 * sum(c * hi) + sum(c * lo) - zero * sum(xq)),
+// summed over groups in fp32 and rounded once to bf16. Codes c are q + 8 (0..15), zero is zp + 8.
 //
-// Layout (zen_woq_pass/kernels/avx512_int4.py packs it): rows in blocks of 8. Per block, per chunk
-// of 128 inputs, each row's 64 bytes: byte 16i + 8h + j holds the code of input 32h + 8i + j in its
-// low nibble and of input 64 + 32h + 8i + j in its high one (what the byte interleave undoes). If
-// in_features % 128 == 64, each row of the block ends with 32 bytes: byte j holds inputs j (low)
-// and 32 + j (high). A block's bytes are one sequential stream, prefetched ahead.
+// Layout (zen_woq_pass/kernels/avx512_int4.py packs it). Output rows come in blocks of 16, one
+// int32 lane each. Per block, per step of 8 inputs from k, 64 bytes: byte 4r + j holds the code of
+// row r at input k + j in its low nibble and at k + 4 + j in its high one. A block is
+// one sequential stream of K / 2 * 16 bytes. Scales and zeros are [N, G] tensors whose bytes are
+// [N / 16][G][16]: per block, per group, its 16 rows.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -23,171 +26,139 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t BLOCK = 8;       // rows per block of the layout
-constexpr int64_t CHUNK = 128;     // inputs per 64 bytes of a row
-constexpr int64_t HALF = 64;       // inputs per 32 bytes: groups are multiples of it
-constexpr int64_t PREFETCH = 4;    // chunks ahead (8, 16 and 32 measured no faster)
+constexpr int64_t ROWS = 16;      // output rows per block
+constexpr int64_t STEP = 8;       // inputs per 64 bytes of a block
+constexpr int64_t PREFETCH = 512; // bytes ahead in a block's stream
 using bf16 = c10::BFloat16;
 
-inline __m512 load_scales(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load_scales(const bf16* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-inline __m512bh load_x(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __m512 codes16(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
 
-struct Layout {
-  int64_t K, G, group, chunks;
-  bool tail;
-  int64_t block_bytes() const { return BLOCK * K / 2; }
-  // the 64 bytes of row r (of its block) in chunk c; the 32 tail bytes for c == chunks
-  int64_t offset(int64_t c, int64_t r) const { return c * BLOCK * 64 + r * (c < chunks ? 64 : 32); }
+struct Shape {
+  int64_t N, K, G, group;
+  int64_t block_bytes() const { return ROWS * K / 2; }
 };
 
-// Per row of x, per group: a vector whose lanes sum to the group's sum of x.
-void group_sums(const bf16* x, const Layout& L, __m512* sums) {
-  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
-  for (int64_t g = 0; g < L.G; ++g) {
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t k = g * L.group; k < (g + 1) * L.group; k += 32) s = _mm512_dpbf16_ps(s, ones, load_x(x + k));
-    sums[g] = s;
+// x as 15-bit integers per group: hi and lo [M, K] int8; scale 2^(e - 14) and scale * sum(xq) [M, G].
+struct QuantizedX {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> scale, scaled_sum;
+
+  QuantizedX(const bf16* x, int64_t M, const Shape& S) : hi(M * S.K), lo(M * S.K), scale(M * S.G), scaled_sum(M * S.G) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < S.G; ++g) quantize_group(x, m * S.K + g * S.group, S.group, m * S.G + g);
   }
-}
 
-// A chunk's codes: low nibbles (inputs k0 + 0..63) or high ones (64..127), one byte each.
-inline __m512i low_codes(const uint8_t* p) { return _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(0x0F)); }
-inline __m512i high_codes(const uint8_t* p) {
-  return _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(p), 4), _mm512_set1_epi8(0x0F));
-}
-
-// 64 codes as two vectors of bf16 128 + code (inputs +0..31 and +32..63): each code byte gets the
-// exponent byte 0x43 above it.
-inline void widen(__m512i codes, __m512bh v[2]) {
-  const __m512i exponent = _mm512_set1_epi8(0x43);
-  v[0] = (__m512bh)_mm512_unpacklo_epi8(codes, exponent);
-  v[1] = (__m512bh)_mm512_unpackhi_epi8(codes, exponent);
-}
-
-// A row's 32 tail bytes as the two vectors of its 64 inputs.
-inline void widen_tail(const uint8_t* p, __m512bh v[2]) {
-  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-  const __m512i nibble = _mm512_set1_epi16(0x000F), exponent = _mm512_set1_epi16(0x4300);
-  v[0] = (__m512bh)_mm512_ternarylogic_epi32(words, nibble, exponent, 0xEA);  // (a & b) | c
-  v[1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, exponent, 0xEA);
-}
-
-// R rows of the block (from row r0) times MB rows of x: out[m * ldo + r]. R * MB independent
-// accumulator chains hide VDPBF16PS's latency.
-template <int R, int MB, typename Scale>
-void dot_rows(const uint8_t* block, int64_t r0, const Scale* scales, const uint8_t* zeros, const bf16* x,
-              const __m512* xsums, const Layout& L, float* scratch, float* out, int64_t ldo) {
-  const int64_t G = L.G;
-  float* scale = scratch;           // [R][G]
-  float* offset = scratch + R * G;  // [R][G]: scale * (128 + zero)
-  for (int64_t i = 0; i < R * G; i += 16) {
-    const __mmask16 mask = first(R * G - i);
-    const __m512 s = load_scales(scales + r0 * G + i, mask);
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zeros + r0 * G + i)));
-    _mm512_mask_storeu_ps(scale + i, mask, s);
-    _mm512_mask_storeu_ps(offset + i, mask, _mm512_mul_ps(s, _mm512_add_ps(z, _mm512_set1_ps(128.f))));
+  void quantize_group(const bf16* x, int64_t at, int64_t n, int64_t slot) {
+    __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN if any x is inf or NaN
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512 v = load16(x + at + k);
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    const float amax = _mm512_reduce_max_ps(largest);
+    if (!std::isfinite(_mm512_reduce_add_ps(poison))) {  // inf or NaN in x: every output of the call becomes NaN, as in a GEMM
+      std::fill_n(hi.data() + at, n, 0), std::fill_n(lo.data() + at, n, 0);
+      scale[slot] = scaled_sum[slot] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    int e = 0;
+    std::frexp(amax, &e);  // amax < 2^e (0 for amax == 0)
+    const __m512 up = _mm512_set1_ps(std::ldexp(1.f, 14 - e));
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + at + k), up));  // |v| < 2^14
+      total = _mm512_add_epi32(total, v);
+      _mm_storeu_si128((__m128i*)(hi.data() + at + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 7)));
+      _mm_storeu_si128((__m128i*)(lo.data() + at + k), _mm512_cvtepi32_epi8(_mm512_and_si512(v, _mm512_set1_epi32(127))));
+    }
+    scale[slot] = std::ldexp(1.f, e - 14);
+    scaled_sum[slot] = float(_mm512_reduce_add_epi32(total)) * scale[slot];
   }
-  __m512 total[R][MB], acc[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) total[r][m] = acc[r][m] = _mm512_setzero_ps();
-  const int64_t halves_per_group = L.group / HALF;
-  int64_t g = 0, left = halves_per_group;
-  auto half_done = [&]() {  // at a group's end: its sums, scaled, into the totals
-    if (--left) return;
-    left = halves_per_group;
-    for (int r = 0; r < R; ++r)
+};
+
+// One block of 16 weight rows times MB rows of x (from m0): out[m * 16 + r], fp32.
+// Per row of x, four int32 accumulators (hi/lo x low/high nibbles) are independent chains.
+template <int MB, typename Scale>
+void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, const QuantizedX& q, int64_t m0,
+               const Shape& S, float* out) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < S.G; ++g) {
+    __m512i acc[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_si512();
+    for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP) {
+      const uint8_t* p = block + k * (ROWS / 2);
+      _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512(p);
+      const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
       for (int m = 0; m < MB; ++m) {
-        total[r][m] = _mm512_fmadd_ps(acc[r][m], _mm512_set1_ps(scale[r * G + g]), total[r][m]);
-        total[r][m] = _mm512_fnmadd_ps(xsums[m * G + g], _mm512_set1_ps(offset[r * G + g]), total[r][m]);
-        acc[r][m] = _mm512_setzero_ps();
+        const int8_t* hi = q.hi.data() + (m0 + m) * S.K + k;
+        const int8_t* lo = q.lo.data() + (m0 + m) * S.K + k;
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], low, broadcast4(hi));
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], high, broadcast4(hi + 4));
+        acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], low, broadcast4(lo));
+        acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], high, broadcast4(lo + 4));
       }
-    ++g;
-  };
-  __m512bh xs[MB][2];  // the 64 inputs of x being summed
-  auto load_inputs = [&](int64_t k) {
-    for (int m = 0; m < MB; ++m) xs[m][0] = load_x(x + m * L.K + k), xs[m][1] = load_x(x + m * L.K + k + 32);
-  };
-  auto dot = [&](int r, const __m512bh v[2]) {  // one weight row's 64 codes
+    }
+    const __m512 scale = load16(scales + g * ROWS), zero = codes16(zeros + g * ROWS);
     for (int m = 0; m < MB; ++m) {
-      acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[0], xs[m][0]);
-      acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[1], xs[m][1]);
+      const int64_t slot = (m0 + m) * S.G + g;
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1]));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][2], acc[m][3]));
+      const float xs = q.scale[slot];
+      __m512 sum = _mm512_fmadd_ps(hi, _mm512_set1_ps(128.f * xs), _mm512_mul_ps(lo, _mm512_set1_ps(xs)));
+      sum = _mm512_fnmadd_ps(zero, _mm512_set1_ps(q.scaled_sum[slot]), sum);
+      total[m] = _mm512_fmadd_ps(sum, scale, total[m]);
     }
-  };
-  __m512bh v[2];
-  for (int64_t c = 0; c < L.chunks; ++c) {
-    load_inputs(c * CHUNK);
-    for (int r = 0; r < R; ++r) {
-      widen(low_codes(block + L.offset(c, r0 + r)), v);
-      _mm_prefetch((const char*)(block + L.offset(std::min(c + PREFETCH, L.chunks - 1), r0 + r)), _MM_HINT_T0);
-      dot(r, v);
-    }
-    half_done();
-    load_inputs(c * CHUNK + HALF);
-    for (int r = 0; r < R; ++r) {
-      widen(high_codes(block + L.offset(c, r0 + r)), v);  // the same bytes, again from L1
-      dot(r, v);
-    }
-    half_done();
   }
-  if (L.tail) {
-    load_inputs(L.chunks * CHUNK);
-    for (int r = 0; r < R; ++r) {
-      widen_tail(block + L.offset(L.chunks, r0 + r), v);
-      dot(r, v);
-    }
-    half_done();
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m * ldo + r] = _mm512_reduce_add_ps(total[r][m]);
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ROWS, total[m]);
 }
 
 template <typename Scale>
 void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
-            const std::optional<at::Tensor>& bias, at::Tensor& out, const Layout& L) {
-  const int64_t M = x.size(0), N = weight.size(0), G = L.G;
-  const bf16* xp = x.const_data_ptr<bf16>();
+            const std::optional<at::Tensor>& bias, at::Tensor& out, const Shape& S) {
+  const int64_t M = x.size(0);
+  const QuantizedX q(x.const_data_ptr<bf16>(), M, S);
   const uint8_t* wp = weight.const_data_ptr<uint8_t>();
   const Scale* sp = scales.const_data_ptr<Scale>();
   const uint8_t* zp = zeros.const_data_ptr<uint8_t>();
   const bf16* bp = bias.has_value() ? bias->const_data_ptr<bf16>() : nullptr;
   bf16* op = out.mutable_data_ptr<bf16>();
-  std::vector<__m512> xsums(M * G);
-  for (int64_t m = 0; m < M; ++m) group_sums(xp + m * L.K, L, xsums.data() + m * G);
-  const int64_t grain = std::max<int64_t>(1, 512 / L.K);
-  at::parallel_for(0, N / BLOCK, grain, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> scratch((2 * BLOCK * G + 15) / 16);  // 64-byte aligned
-    float dots[4 * BLOCK];
+  const int64_t grain = std::max<int64_t>(1, 4096 / S.K);  // blocks per task: at least 32 KB of weights
+  at::parallel_for(0, S.N / ROWS, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float dots[4 * ROWS];
     for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* block = wp + b * L.block_bytes();
-      const Scale* s = sp + b * BLOCK * G;
-      const uint8_t* z = zp + b * BLOCK * G;
+      const uint8_t* block = wp + b * S.block_bytes();
+      const Scale* s = sp + b * S.G * ROWS;
+      const uint8_t* z = zp + b * S.G * ROWS;
+      const __m512 add = bp ? load16(bp + b * ROWS) : _mm512_setzero_ps();
       for (int64_t m0 = 0; m0 < M;) {
-        const bf16* xm = xp + m0 * L.K;
-        const __m512* sm = xsums.data() + m0 * G;
-        int rows;  // of x in this pass: 8 weight rows x 1, 4 x 2 (twice), 2 x 4 (4 times)
-        if (M - m0 >= 4) {
-          rows = 4;
-          for (int64_t r0 = 0; r0 < BLOCK; r0 += 2) dot_rows<2, 4>(block, r0, s, z, xm, sm, L, (float*)scratch.data(), dots + r0, BLOCK);
-        } else if (M - m0 >= 2) {
-          rows = 2;
-          for (int64_t r0 = 0; r0 < BLOCK; r0 += 4) dot_rows<4, 2>(block, r0, s, z, xm, sm, L, (float*)scratch.data(), dots + r0, BLOCK);
-        } else {
-          rows = 1;
-          dot_rows<8, 1>(block, 0, s, z, xm, sm, L, (float*)scratch.data(), dots, BLOCK);
+        const int rows = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;  // of x, sharing each decoded step
+        if (rows == 4) dot_block<4>(block, s, z, q, m0, S, dots);
+        else if (rows == 2) dot_block<2>(block, s, z, q, m0, S, dots);
+        else dot_block<1>(block, s, z, q, m0, S, dots);
+        for (int m = 0; m < rows; ++m) {
+          const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(dots + m * ROWS), add));
+          _mm256_storeu_si256((__m256i*)(op + (m0 + m) * S.N + b * ROWS), (__m256i)y);
         }
-        for (int m = 0; m < rows; ++m)
-          for (int64_t r = 0; r < BLOCK; ++r) {
-            const int64_t n = b * BLOCK + r;
-            op[(m0 + m) * N + n] = bf16(dots[m * BLOCK + r] + (bp ? float(bp[n]) : 0.f));
-          }
         m0 += rows;
       }
     }
@@ -195,80 +166,81 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
 }
 
 // The layer's weights in bf16, [N, K]: (code - zero) * scale rounded once, as compressed-tensors'
-// dequantization gives them (for many rows, a bf16 GEMM on these beats the one-row kernel).
+// dequantization gives them (for many rows, a bf16 GEMM on these beats the kernel).
 template <typename Scale>
-void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out, const Layout& L) {
-  const int64_t N = weight.size(0), K = L.K, G = L.G;
+void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out, const Shape& S) {
   const uint8_t* wp = weight.const_data_ptr<uint8_t>();
   const Scale* sp = scales.const_data_ptr<Scale>();
   const uint8_t* zp = zeros.const_data_ptr<uint8_t>();
   bf16* op = out.mutable_data_ptr<bf16>();
-  at::parallel_for(0, N / BLOCK, 1, [&](int64_t begin, int64_t end) {
-    __m512bh v[2];
-    auto store = [&](int64_t n, int64_t k) {  // 64 inputs from k: (code - zero) * scale, rounded once
-      for (int i = 0; i < 2; ++i)
-        for (int h = 0; h < 2; ++h) {
-          const int64_t at = k + 32 * i + 16 * h, g = n * G + at / L.group;
-          const __m256i half = h ? _mm512_extracti64x4_epi64((__m512i)v[i], 1) : _mm512_castsi512_si256((__m512i)v[i]);
-          const __m512 codes = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-          const __m512 values = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(128.f + zp[g])), _mm512_set1_ps(float(sp[g])));
-          _mm256_storeu_si256((__m256i*)(op + n * K + at), (__m256i)_mm512_cvtneps_pbh(values));
-        }
-    };
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t r = 0; r < BLOCK; ++r) {
-        const int64_t n = b * BLOCK + r;
-        const uint8_t* block = wp + b * L.block_bytes();
-        for (int64_t c = 0; c < L.chunks; ++c) {
-          widen(low_codes(block + L.offset(c, r)), v);
-          store(n, c * CHUNK);
-          widen(high_codes(block + L.offset(c, r)), v);
-          store(n, c * CHUNK + HALF);
-        }
-        if (L.tail) {
-          widen_tail(block + L.offset(L.chunks, r), v);
-          store(n, L.chunks * CHUNK);
+  // quarter i of a step's 64 bytes holds rows 4i..4i+3, 4 inputs each: lane l is row 4i + l / 4
+  __m512i lane_row[4];
+  for (int i = 0; i < 4; ++i) {
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; ++l) idx[l] = 4 * i + l / 4;
+    lane_row[i] = _mm512_load_si512(idx);
+  }
+  at::parallel_for(0, S.N / ROWS, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = wp + b * S.block_bytes();
+      bf16* rows = op + b * ROWS * S.K;
+      for (int64_t g = 0; g < S.G; ++g) {
+        const __m512 scale = load16(sp + (b * S.G + g) * ROWS), zero = codes16(zp + (b * S.G + g) * ROWS);
+        for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP) {
+          const __m512i bytes = _mm512_loadu_si512(block + k * (ROWS / 2));
+          for (int nib = 0; nib < 2; ++nib) {  // inputs k..k+3, then k+4..k+7
+            alignas(64) uint8_t codes[64];
+            _mm512_store_si512(codes, _mm512_and_si512(nib ? _mm512_srli_epi16(bytes, 4) : bytes, _mm512_set1_epi8(0x0F)));
+            for (int i = 0; i < 4; ++i) {
+              const __m128i quarter = _mm_load_si128((const __m128i*)(codes + 16 * i));
+              const __m512 values = _mm512_mul_ps(
+                  _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(quarter)), _mm512_permutexvar_ps(lane_row[i], zero)),
+                  _mm512_permutexvar_ps(lane_row[i], scale));
+              alignas(32) bf16 four_rows[16];
+              _mm256_store_si256((__m256i*)four_rows, (__m256i)_mm512_cvtneps_pbh(values));
+              for (int r = 0; r < 4; ++r) std::memcpy(rows + (4 * i + r) * S.K + k + 4 * nib, four_rows + 4 * r, 8);
+            }
+          }
         }
       }
+    }
   });
 }
 
-Layout check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, int64_t K) {
+Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, int64_t K) {
   const int64_t N = weight.size(0);
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(1) * 2 == K && weight.is_contiguous(),
               "zen_woq int4_linear: weight must be contiguous uint8 [N, K/2] for K = ", K);
-  TORCH_CHECK(N % BLOCK == 0, "zen_woq int4_linear: out_features ", N, " is not a multiple of ", BLOCK);
-  TORCH_CHECK(K % HALF == 0, "zen_woq int4_linear: in_features ", K, " is not a multiple of ", HALF);
+  TORCH_CHECK(N % ROWS == 0, "zen_woq int4_linear: out_features ", N, " is not a multiple of ", ROWS);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
-                  (K / scales.size(1)) % HALF == 0 && scales.is_contiguous(),
-              "zen_woq int4_linear: scales must be contiguous [N, G] with groups a multiple of ", HALF);
+                  (K / scales.size(1)) % 16 == 0 && scales.is_contiguous(),
+              "zen_woq int4_linear: scales must be contiguous [N, G] with groups a multiple of 16");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat,
               "zen_woq int4_linear: scales must be bf16 or float32");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
               "zen_woq int4_linear: zeros must be contiguous uint8 shaped like scales");
   const int64_t G = scales.size(1);
-  return Layout{K, G, K / G, K / CHUNK, K % CHUNK != 0};
+  return Shape{N, K, G, K / G};
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "zen_woq int4_linear: x must be contiguous bf16 [M, K]");
-  const Layout L = check(weight, scales, zeros, x.size(1));
-  const int64_t N = weight.size(0);
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == N && bias->is_contiguous()),
+  const Shape S = check(weight, scales, zeros, x.size(1));
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == S.N && bias->is_contiguous()),
               "zen_woq int4_linear: bias must be contiguous bf16 [N]");
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
-  if (scales.scalar_type() == at::kBFloat16) linear<bf16>(x, weight, scales, zeros, bias, out, L);
-  else linear<float>(x, weight, scales, zeros, bias, out, L);
+  at::Tensor out = at::empty({x.size(0), S.N}, x.options());
+  if (scales.scalar_type() == at::kBFloat16) linear<bf16>(x, weight, scales, zeros, bias, out, S);
+  else linear<float>(x, weight, scales, zeros, bias, out, S);
   return out;
 }
 
 at::Tensor int4_dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros) {
-  const Layout L = check(weight, scales, zeros, weight.size(1) * 2);
-  at::Tensor out = at::empty({weight.size(0), L.K}, weight.options().dtype(at::kBFloat16));
-  if (scales.scalar_type() == at::kBFloat16) dequantize<bf16>(weight, scales, zeros, out, L);
-  else dequantize<float>(weight, scales, zeros, out, L);
+  const Shape S = check(weight, scales, zeros, weight.size(1) * 2);
+  at::Tensor out = at::empty({S.N, S.K}, weight.options().dtype(at::kBFloat16));
+  if (scales.scalar_type() == at::kBFloat16) dequantize<bf16>(weight, scales, zeros, out, S);
+  else dequantize<float>(weight, scales, zeros, out, S);
   return out;
 }
 

@@ -1,16 +1,18 @@
-"""zen_woq's own 4-bit kernel (``csrc/int4_linear.cpp``) for CPUs with AVX512-BF16: Zen 4 and later.
+"""zen_woq's own 4-bit kernel (``csrc/int4_linear.cpp``) for CPUs with AVX512-VNNI and AVX512-BF16:
+Zen 4 and later, Intel Sapphire Rapids and later.
 
-Why a kernel of our own: a decode step multiplies one row, and there the chain's other kernels
-are far from the memory bandwidth (aten's one-row int4 matmul read its weights at about 4-13 GB/s
-in issue 9, zentorch's is wrong on some CPUs). This one widens each 4-bit code to the bf16 number
-128 + code with one byte interleave and sums with VDPBF16PS in fp32; its weights stream as one
-prefetched sequence per block of 8 output rows. Numerics: the exact products of x with
-``(q - zp) * scale``, summed in fp32, rounded once to bf16.
+Why a kernel of our own: a decode step multiplies one row, and there aten's one-row int4 matmul
+reads its weights far below the memory bandwidth (4-16 GB/s in issue 9); zentorch's is wrong on
+some CPUs. This one multiplies the 4-bit codes as they lie in memory with VPDPBUSD (64 per
+instruction), x written per group as 15-bit integers times a power of two: exact for every bf16
+element within 2^7 of its group's largest, the rest rounded to 2^-14 of that group's scale; the
+sums are exact integers per group, fp32 across groups, rounded once to bf16.
 
-Packing (this module, at compile time): codes ``q + 8`` (0..15) in the C++ source's layout,
-``scales`` [N, G] as the checkpoint holds them (bf16 or fp32), ``zeros`` [N, G] uint8 ``zp + 8``
-(8 without zero points). Groups must be multiples of 64 (channel-wise included), in_features a
-multiple of 64, out_features of 8; activations bf16.
+Packing (this module, at compile time): codes ``q + 8`` (0..15) in the C++ source's layout (blocks
+of 16 output rows, 64 bytes per 8 inputs), ``scales`` as the checkpoint holds them (bf16 or fp32)
+and ``zeros`` uint8 ``zp + 8`` (8 without zero points), both [N, G] with their bytes in the same
+blocks of 16 rows. Groups must be multiples of 16 (channel-wise included), out_features a multiple
+of 16; activations bf16.
 
 For many rows the layer's weights are dequantized to bf16 per call (no copy held) for a dense
 GEMM, where measured faster (:mod:`zen_woq_pass.prefill`).
@@ -24,28 +26,25 @@ from zen_woq_pass import eligibility, native, prefill
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
-BLOCK_ROWS = 8
-CHUNK = 128  # inputs per 64 bytes of a row
-HALF = 64  # inputs per 32 bytes; groups are multiples of it
+BLOCK_ROWS = 16  # output rows per block: one int32 lane each
+GROUP_MULTIPLE = 16  # inputs per vector of the activations' quantization
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] in the kernel's layout from codes uint8 [N, K] (0..15): per block of 8 rows,
-    per chunk of 128 inputs, each row's 64 bytes, byte 16i + 8h + j holding input 32h + 8i + j (low
-    nibble) and 64 + 32h + 8i + j (high); then, if K % 128 == 64, each row's 32 bytes, byte j
-    holding inputs j and 32 + j."""
+    """uint8 [N, K/2] in the kernel's layout from codes uint8 [N, K] (0..15): per block of 16 rows,
+    per step of 8 inputs from k, 64 bytes; byte 4r + j holds row r's input k + j (low nibble) and
+    k + 4 + j (high)."""
     n, k = codes.shape
-    chunks = k // CHUNK
-    blocks = []
-    if chunks:
-        # [N, chunk, nibble, h, i, j] -> bytes [N, chunk, i, h, j] -> [block, chunk, row, 64]
-        split = codes[:, : chunks * CHUNK].reshape(n, chunks, 2, 2, 4, 8)
-        rows = (split[:, :, 0] | (split[:, :, 1] << 4)).permute(0, 1, 3, 2, 4).reshape(n, chunks, 64)
-        blocks.append(rows.view(n // BLOCK_ROWS, BLOCK_ROWS, chunks, 64).transpose(1, 2).reshape(n // BLOCK_ROWS, -1))
-    if k % CHUNK:
-        tail = codes[:, chunks * CHUNK :].reshape(n, 2, 32)
-        blocks.append((tail[:, 0] | (tail[:, 1] << 4)).reshape(n // BLOCK_ROWS, -1))
-    return torch.cat(blocks, dim=1).reshape(n, k // 2).contiguous()
+    steps = codes.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [block, step, row, nibble, j]
+    return (steps[..., 0, :] | (steps[..., 1, :] << 4)).reshape(n, k // 2).contiguous()
+
+
+def by_block(values: torch.Tensor) -> torch.Tensor:
+    """A copy of [N, G] values whose bytes are [N / 16][G][16]: per block, per group, its 16 rows."""
+    n, g = values.shape
+    blocked = values.new_empty(n // BLOCK_ROWS, g, BLOCK_ROWS)
+    blocked.copy_(values.reshape(n // BLOCK_ROWS, BLOCK_ROWS, g).transpose(1, 2))
+    return blocked.view(n, g)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +89,8 @@ class Avx512Int4Kernel(Kernel):
             return f"activations are {layer.activation_dtype}; it takes bfloat16"
         if layer.out_features % BLOCK_ROWS:
             return f"out_features {layer.out_features} is not a multiple of {BLOCK_ROWS}"
-        if layer.in_features % HALF:
-            return f"in_features {layer.in_features} is not a multiple of {HALF}"
-        if layer.group_size % HALF:
-            return f"group size {layer.group_size} is not a multiple of {HALF}"
+        if layer.group_size % GROUP_MULTIPLE:
+            return f"group size {layer.group_size} is not a multiple of {GROUP_MULTIPLE}"
         return None
 
     def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
@@ -104,8 +101,8 @@ class Avx512Int4Kernel(Kernel):
         scale_dtype = weights.scale.dtype if weights.scale.dtype in (torch.bfloat16, torch.float32) else torch.float32
         return {
             "weight": pack_codes(codes.to(torch.uint8)),
-            "scales": weights.scale.to(scale_dtype, copy=True).contiguous(),  # a copy: the checkpoint's is emptied
-            "zeros": zero.to(torch.uint8).contiguous(),
+            "scales": by_block(weights.scale.to(scale_dtype)),  # a copy: the checkpoint's is emptied
+            "zeros": by_block(zero.to(torch.uint8)),
         }
 
     target = staticmethod(avx512_int4_linear)
