@@ -33,7 +33,7 @@ from pathlib import Path
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
-# kernel with "+"-joined extras: "compile", "int4-head")
+# kernel with "+"-joined extras: "compile", "int4-head", "int8-head")
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
     "hf-bf16": ("transformers eager, bf16", "dense", None),
@@ -46,6 +46,10 @@ ENGINES = {
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
     "zen_woq-auto-int4-head": ("zen_woq auto + lm_head=\"int4\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+int4-head"),
     "zen_woq-auto-compiled": ("zen_woq auto + compile=True (decode step), W4A16 RTN", "w4a16-rtn", "auto+compile"),
+    "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
+    "zen_woq-auto-compiled-int8-head": (
+        "zen_woq auto + compile=True + lm_head=\"int8\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+compile+int8-head"
+    ),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
@@ -164,7 +168,7 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
         model.generation_config.compile_config._compile_all_devices = True
     elif how is not None:
         kernel, *extras = how.split("+")
-        lm_head = "int4" if "int4-head" in extras else None
+        lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)
         zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]

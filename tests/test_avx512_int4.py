@@ -19,45 +19,57 @@ from zen_woq_pass.layer import QuantizedWeights
 from zen_woq_pass.numerics import sqnr_db
 
 KERNEL = KERNELS["avx512-int4"]
+BOTH = pytest.mark.parametrize("bits", [4, 8])  # avx512-int4 and its 8-bit twin, avx512-int8
 needs_the_kernel = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"avx512-int4: {native.unavailable_reason()}")
 SHAPES = [(64, 576, 64), (32, 576, 576), (16, 640, 128), (48, 256, 128), (16, 64, 64), (32, 1024, 256), (16, 96, 32), (32, 48, 16)]
 
 
-def _weights(n, k, group_size, zero_points, scale_dtype, seed=0):
+def _weights(n, k, group_size, zero_points, scale_dtype, seed=0, bits=4):
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=generator)
-    zero_point = torch.randint(-8, 8, (n, k // group_size), dtype=torch.int8, generator=generator) if zero_points else None
+    low, high = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.randint(low, high, (n, k), dtype=torch.int8, generator=generator)
+    zero_point = torch.randint(low, high, (n, k // group_size), dtype=torch.int8, generator=generator) if zero_points else None
     scale = (torch.rand(n, k // group_size, generator=generator) / 50 + 1e-3).to(scale_dtype)
     return QuantizedWeights(q, scale, zero_point, None)
 
 
-def _layer(n, k, group_size, zero_points, has_bias=False):
-    return dataclasses.replace(GOOD, out_features=n, in_features=k, num_groups=k // group_size, has_zero_point=zero_points, has_bias=has_bias)
+def _layer(n, k, group_size, zero_points, has_bias=False, bits=4):
+    return dataclasses.replace(
+        GOOD, out_features=n, in_features=k, num_groups=k // group_size, has_zero_point=zero_points, has_bias=has_bias, num_bits=bits
+    )
+
+
+def _kernel(bits):
+    return KERNEL if bits == 4 else KERNELS["avx512-int8"]
 
 
 @needs_the_kernel
+@BOTH
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("zero_points", [False, True])
 @pytest.mark.parametrize("n, k, group_size", SHAPES)
-def test_the_layout_decodes_to_compressed_tensors_weights(n, k, group_size, zero_points, scale_dtype):
-    weights = _weights(n, k, group_size, zero_points, scale_dtype)
-    constants = KERNEL.pack(_layer(n, k, group_size, zero_points), weights)
-    ours = torch.ops.zen_woq_native.int4_dequantize(constants["weight"], constants["scales"], constants["zeros"])
+def test_the_layout_decodes_to_compressed_tensors_weights(n, k, group_size, zero_points, scale_dtype, bits):
+    weights = _weights(n, k, group_size, zero_points, scale_dtype, bits=bits)
+    constants = _kernel(bits).pack(_layer(n, k, group_size, zero_points, bits=bits), weights)
+    dequantize = getattr(torch.ops.zen_woq_native, f"int{bits}_dequantize")
+    ours = dequantize(constants["weight"], constants["scales"], constants["zeros"])
     # compressed-tensors' dequantization in the scale's dtype, rounded to bf16 as transformers holds it
     assert torch.equal(ours, ct_format.dequantize(weights.q, weights.scale, weights.zero_point).to(torch.bfloat16))
 
 
 @needs_the_kernel
+@BOTH
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("zero_points, bias", [(False, False), (True, True)])
 @pytest.mark.parametrize("n, k, group_size", SHAPES)
-def test_the_product_is_within_bf16_rounding_of_the_fp32_reference(n, k, group_size, zero_points, bias, rows):
-    weights = _weights(n, k, group_size, zero_points, torch.bfloat16, seed=rows)
-    constants = KERNEL.pack(_layer(n, k, group_size, zero_points, bias), weights)
+def test_the_product_is_within_bf16_rounding_of_the_fp32_reference(n, k, group_size, zero_points, bias, rows, bits):
+    weights = _weights(n, k, group_size, zero_points, torch.bfloat16, seed=rows, bits=bits)
+    kernel = _kernel(bits)
+    constants = kernel.pack(_layer(n, k, group_size, zero_points, bias, bits), weights)
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
     b = torch.randn(n, generator=generator).to(torch.bfloat16) if bias else None
-    y = KERNEL.run(x, constants, b)
+    y = kernel.run(x, constants, b)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point, None)
     assert numerics.worst_excess(y, x, exact, b) <= 1.0
@@ -150,3 +162,7 @@ def test_an_optimized_layer_is_right_on_both_sides_of_the_row_threshold(checkpoi
     print("\n".join(map(str, raced)))
     assert [choice.rows for choice in raced] == [16, 256] and all("avx512-int4" in choice.shape for choice in raced)
     assert all(choice.sqnr >= prefill.MIN_SQNR_DB for choice in raced)
+
+
+def test_the_8_bit_twin_says_why_not_for_4_bit_weights():
+    assert "4-bit weights; it takes 8-bit" in KERNELS["avx512-int8"].layer_reason(GOOD)

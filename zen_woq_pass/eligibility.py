@@ -17,6 +17,12 @@ def gptq_int4_reason(layer: QuantizedLinear) -> str | None:
         return f"{layer.num_bits}-bit weights ({layer.values_per_word} values per int32); 4-bit kernels take 8 per int32"
     if layer.num_bits > 4:
         return f"{layer.num_bits}-bit weights; 4-bit kernels take at most 4 bits"
+    return grouped_frozen_reason(layer)
+
+
+def grouped_frozen_reason(layer: QuantizedLinear) -> str | None:
+    """What any weight-only kernel here needs beyond its bit width: packed along the input dim, no
+    g_idx, groups dividing K, no gradients."""
     if layer.weight_form == PACKED and layer.packed_dim != 1:
         return "packed along the output dim (AWQ layout); GPTQ packs along the input dim"
     if layer.has_g_idx:
@@ -26,7 +32,7 @@ def gptq_int4_reason(layer: QuantizedLinear) -> str | None:
     if layer.weights_require_grad:
         return "weights require grad in this compile (training?); compile under torch.no_grad() or inference_mode()"
     if layer.activation_requires_grad:
-        return "activations require grad (training?): the 4-bit kernels have no backward"
+        return "activations require grad (training?): the weight-only kernels have no backward"
     return None
 
 

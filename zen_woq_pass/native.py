@@ -105,10 +105,17 @@ def _load_reason() -> str | None:
 def _describe_to_compile() -> None:
     """Output shapes for torch.compile's fake tensors: the ops run only with real ones."""
 
-    @torch.library.register_fake("zen_woq_native::int4_linear")
-    def _(x, weight, scales, zeros, bias):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    for bits in (4, 8):
+        torch.library.register_fake(f"zen_woq_native::int{bits}_linear")(_fake_linear)
+        torch.library.register_fake(f"zen_woq_native::int{bits}_dequantize")(_fake_dequantize(bits))
 
-    @torch.library.register_fake("zen_woq_native::int4_dequantize")
-    def _(weight, scales, zeros):
-        return weight.new_empty(weight.shape[0], weight.shape[1] * 2, dtype=torch.bfloat16)
+
+def _fake_linear(x, weight, scales, zeros, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_dequantize(bits: int):
+    def dequantized(weight, scales, zeros):
+        return weight.new_empty(weight.shape[0], weight.shape[1] * 8 // bits, dtype=torch.bfloat16)
+
+    return dequantized

@@ -46,8 +46,8 @@ def optimize(
     graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
     there 3.4x transformers for a first ``generate`` of 52 s, for long runs. ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
-    the same numbers, fewer calls). ``lm_head="int4"`` rounds the dense output Linear to 4 bits too
-    (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in). ``mode`` and any other keyword (an Inductor config patch) go to the backend.
+    the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
+    Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in). ``mode`` and any other keyword (an Inductor config patch) go to the backend.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """

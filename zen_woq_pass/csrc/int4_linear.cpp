@@ -1,5 +1,5 @@
-// zen_woq's own 4-bit x bf16 matmul for CPUs with AVX512-VNNI and AVX512-BF16 (Zen 4 and later,
-// Intel Sapphire Rapids and later).
+// zen_woq's own 4-bit (and 8-bit) x bf16 matmul for CPUs with AVX512-VNNI and AVX512-BF16 (Zen 4
+// and later, Intel Sapphire Rapids and later).
 //
 // Why: a decode step is one row, and PyTorch's int4 CPU kernel reads its weights far below the
 // memory bandwidth there (README). Integer dot products are the cheapest way through 4-bit codes:
@@ -11,13 +11,15 @@
 // the group's scale 2^e. Each xq is split as 128 * hi + lo (hi signed, lo in 0..127), two int8
 // vectors for VPDPBUSD, whose int32 sums are exact. Per group,
 //   sum(w * x) = scale * 2^(e - 14) * (128 * sum(c * hi) + sum(c * lo) - zero * sum(xq)),
-// summed over groups in fp32 and rounded once to bf16. Codes c are q + 8 (0..15), zero is zp + 8.
+// summed over groups in fp32 and rounded once to bf16. 4-bit codes c are q + 8 (0..15), zero is
+// zp + 8; 8-bit codes (int8_linear, the opt-in int8 lm_head) are q + 128, zero zp + 128.
 //
 // Layout (zen_woq_pass/kernels/avx512_int4.py packs it). Output rows come in blocks of 16, one
-// int32 lane each. Per block, per step of 8 inputs from k, 64 bytes: byte 4r + j holds the code of
-// row r at input k + j in its low nibble and at k + 4 + j in its high one. A block is
-// one sequential stream of K / 2 * 16 bytes. Scales and zeros are [N, G] tensors whose bytes are
-// [N / 16][G][16]: per block, per group, its 16 rows.
+// int32 lane each. Per block, per step of 8 inputs from k: 4-bit, 64 bytes, byte 4r + j holding the
+// code of row r at input k + j in its low nibble and at k + 4 + j in its high one; 8-bit, 128
+// bytes, byte 4r + j of the first 64 holding input k + j and of the second k + 4 + j. A block is
+// one sequential stream. Scales and zeros are [N, G] tensors whose bytes are [N / 16][G][16]: per
+// block, per group, its 16 rows.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -50,9 +52,21 @@ inline __m512i broadcast4(const int8_t* p) {
 }
 
 struct Shape {
-  int64_t N, K, G, group;
-  int64_t block_bytes() const { return ROWS * K / 2; }
+  int64_t N, K, G, group, bits;
+  int64_t step_bytes() const { return 8 * bits * ROWS / 8; }  // bytes of a block per step of 8 inputs
+  int64_t block_bytes() const { return K / STEP * step_bytes(); }
 };
+
+// A step's codes as two vectors of 64 bytes: inputs k..k+3 and k+4..k+7 of the 16 rows.
+template <int BITS>
+inline void step_codes(const uint8_t* p, __m512i& first, __m512i& second) {
+  if constexpr (BITS == 4) {
+    const __m512i bytes = _mm512_loadu_si512(p), nibble = _mm512_set1_epi8(0x0F);
+    first = _mm512_and_si512(bytes, nibble), second = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+  } else {
+    first = _mm512_loadu_si512(p), second = _mm512_loadu_si512(p + 64);
+  }
+}
 
 // x as 15-bit integers per group: hi and lo [M, K] int8; scale 2^(e - 14) and scale * sum(xq) [M, G].
 struct QuantizedX {
@@ -94,10 +108,9 @@ struct QuantizedX {
 
 // One block of 16 weight rows times MB rows of x (from m0): out[m * 16 + r], fp32.
 // Per row of x, four int32 accumulators (hi/lo x low/high nibbles) are independent chains.
-template <int MB, typename Scale>
+template <int BITS, int MB, typename Scale>
 void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, const QuantizedX& q, int64_t m0,
                const Shape& S, float* out) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < S.G; ++g) {
@@ -105,10 +118,10 @@ void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, 
     for (int m = 0; m < MB; ++m)
       for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_si512();
     for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP) {
-      const uint8_t* p = block + k * (ROWS / 2);
+      const uint8_t* p = block + k / STEP * S.step_bytes();
       _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
-      const __m512i bytes = _mm512_loadu_si512(p);
-      const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+      __m512i low, high;
+      step_codes<BITS>(p, low, high);
       for (int m = 0; m < MB; ++m) {
         const int8_t* hi = q.hi.data() + (m0 + m) * S.K + k;
         const int8_t* lo = q.lo.data() + (m0 + m) * S.K + k;
@@ -132,7 +145,7 @@ void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, 
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ROWS, total[m]);
 }
 
-template <typename Scale>
+template <int BITS, typename Scale>
 void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
             const std::optional<at::Tensor>& bias, at::Tensor& out, const Shape& S) {
   const int64_t M = x.size(0);
@@ -142,7 +155,7 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
   const uint8_t* zp = zeros.const_data_ptr<uint8_t>();
   const bf16* bp = bias.has_value() ? bias->const_data_ptr<bf16>() : nullptr;
   bf16* op = out.mutable_data_ptr<bf16>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / S.K);  // blocks per task: at least 32 KB of weights
+  const int64_t grain = std::max<int64_t>(1, 32768 / S.block_bytes());  // blocks per task: at least 32 KB
   at::parallel_for(0, S.N / ROWS, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float dots[4 * ROWS];
     for (int64_t b = begin; b < end; ++b) {
@@ -152,9 +165,9 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
       const __m512 add = bp ? load16(bp + b * ROWS) : _mm512_setzero_ps();
       for (int64_t m0 = 0; m0 < M;) {
         const int rows = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;  // of x, sharing each decoded step
-        if (rows == 4) dot_block<4>(block, s, z, q, m0, S, dots);
-        else if (rows == 2) dot_block<2>(block, s, z, q, m0, S, dots);
-        else dot_block<1>(block, s, z, q, m0, S, dots);
+        if (rows == 4) dot_block<BITS, 4>(block, s, z, q, m0, S, dots);
+        else if (rows == 2) dot_block<BITS, 2>(block, s, z, q, m0, S, dots);
+        else dot_block<BITS, 1>(block, s, z, q, m0, S, dots);
         for (int m = 0; m < rows; ++m) {
           const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(dots + m * ROWS), add));
           _mm256_storeu_si256((__m256i*)(op + (m0 + m) * S.N + b * ROWS), (__m256i)y);
@@ -167,7 +180,7 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
 
 // The layer's weights in bf16, [N, K]: (code - zero) * scale rounded once, as compressed-tensors'
 // dequantization gives them (for many rows, a bf16 GEMM on these beats the kernel).
-template <typename Scale>
+template <int BITS, typename Scale>
 void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out, const Shape& S) {
   const uint8_t* wp = weight.const_data_ptr<uint8_t>();
   const Scale* sp = scales.const_data_ptr<Scale>();
@@ -187,10 +200,11 @@ void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Te
       for (int64_t g = 0; g < S.G; ++g) {
         const __m512 scale = load16(sp + (b * S.G + g) * ROWS), zero = codes16(zp + (b * S.G + g) * ROWS);
         for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP) {
-          const __m512i bytes = _mm512_loadu_si512(block + k * (ROWS / 2));
+          __m512i halves[2];
+          step_codes<BITS>(block + k / STEP * S.step_bytes(), halves[0], halves[1]);
           for (int nib = 0; nib < 2; ++nib) {  // inputs k..k+3, then k+4..k+7
             alignas(64) uint8_t codes[64];
-            _mm512_store_si512(codes, _mm512_and_si512(nib ? _mm512_srli_epi16(bytes, 4) : bytes, _mm512_set1_epi8(0x0F)));
+            _mm512_store_si512(codes, halves[nib]);
             for (int i = 0; i < 4; ++i) {
               const __m128i quarter = _mm_load_si128((const __m128i*)(codes + 16 * i));
               const __m512 values = _mm512_mul_ps(
@@ -207,10 +221,10 @@ void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Te
   });
 }
 
-Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, int64_t K) {
+Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, int64_t K, int64_t bits) {
   const int64_t N = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(1) * 2 == K && weight.is_contiguous(),
-              "zen_woq int4_linear: weight must be contiguous uint8 [N, K/2] for K = ", K);
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(1) * 8 == K * bits && weight.is_contiguous(),
+              "zen_woq int", bits, "_linear: weight must be contiguous uint8 [N, K * ", bits, " / 8] for K = ", K);
   TORCH_CHECK(N % ROWS == 0, "zen_woq int4_linear: out_features ", N, " is not a multiple of ", ROWS);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
                   (K / scales.size(1)) % 16 == 0 && scales.is_contiguous(),
@@ -220,27 +234,29 @@ Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
               "zen_woq int4_linear: zeros must be contiguous uint8 shaped like scales");
   const int64_t G = scales.size(1);
-  return Shape{N, K, G, K / G};
+  return Shape{N, K, G, K / G, bits};
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
-                       const std::optional<at::Tensor>& bias) {
+template <int BITS>
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
+                     const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "zen_woq int4_linear: x must be contiguous bf16 [M, K]");
-  const Shape S = check(weight, scales, zeros, x.size(1));
+              "zen_woq int", BITS, "_linear: x must be contiguous bf16 [M, K]");
+  const Shape S = check(weight, scales, zeros, x.size(1), BITS);
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == S.N && bias->is_contiguous()),
-              "zen_woq int4_linear: bias must be contiguous bf16 [N]");
+              "zen_woq int", BITS, "_linear: bias must be contiguous bf16 [N]");
   at::Tensor out = at::empty({x.size(0), S.N}, x.options());
-  if (scales.scalar_type() == at::kBFloat16) linear<bf16>(x, weight, scales, zeros, bias, out, S);
-  else linear<float>(x, weight, scales, zeros, bias, out, S);
+  if (scales.scalar_type() == at::kBFloat16) linear<BITS, bf16>(x, weight, scales, zeros, bias, out, S);
+  else linear<BITS, float>(x, weight, scales, zeros, bias, out, S);
   return out;
 }
 
-at::Tensor int4_dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros) {
-  const Shape S = check(weight, scales, zeros, weight.size(1) * 2);
+template <int BITS>
+at::Tensor dequantize_op(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros) {
+  const Shape S = check(weight, scales, zeros, weight.size(1) * 8 / BITS, BITS);
   at::Tensor out = at::empty({S.N, S.K}, weight.options().dtype(at::kBFloat16));
-  if (scales.scalar_type() == at::kBFloat16) dequantize<bf16>(weight, scales, zeros, out, S);
-  else dequantize<float>(weight, scales, zeros, out, S);
+  if (scales.scalar_type() == at::kBFloat16) dequantize<BITS, bf16>(weight, scales, zeros, out, S);
+  else dequantize<BITS, float>(weight, scales, zeros, out, S);
   return out;
 }
 
@@ -249,9 +265,13 @@ at::Tensor int4_dequantize(const at::Tensor& weight, const at::Tensor& scales, c
 TORCH_LIBRARY(zen_woq_native, m) {
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, Tensor? bias) -> Tensor");
   m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, Tensor? bias) -> Tensor");
+  m.def("int8_dequantize(Tensor weight, Tensor scales, Tensor zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zen_woq_native, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int4_linear", &linear_op<4>);
+  m.impl("int4_dequantize", &dequantize_op<4>);
+  m.impl("int8_linear", &linear_op<8>);
+  m.impl("int8_dequantize", &dequantize_op<8>);
 }

@@ -1,5 +1,5 @@
 """zen_woq's own 4-bit kernel (``csrc/int4_linear.cpp``) for CPUs with AVX512-VNNI and AVX512-BF16:
-Zen 4 and later, Intel Sapphire Rapids and later.
+Zen 4 and later, Intel Sapphire Rapids and later; its 8-bit twin serves the opt-in int8 lm_head.
 
 Why a kernel of our own: a decode step multiplies one row, and there aten's one-row int4 matmul
 reads its weights far below the memory bandwidth (4-16 GB/s in issue 9); zentorch's is wrong on
@@ -30,13 +30,16 @@ BLOCK_ROWS = 16  # output rows per block: one int32 lane each
 GROUP_MULTIPLE = 16  # inputs per vector of the activations' quantization
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] in the kernel's layout from codes uint8 [N, K] (0..15): per block of 16 rows,
-    per step of 8 inputs from k, 64 bytes; byte 4r + j holds row r's input k + j (low nibble) and
-    k + 4 + j (high)."""
+def pack_codes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """uint8 [N, K * bits / 8] in the kernel's layout from codes uint8 [N, K]: per block of 16 rows,
+    per step of 8 inputs from k, byte 4r + j holds row r's input k + j and k + 4 + j; 4-bit, in its
+    low and high nibble of 64 bytes; 8-bit, in the first and second 64 bytes."""
     n, k = codes.shape
-    steps = codes.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [block, step, row, nibble, j]
-    return (steps[..., 0, :] | (steps[..., 1, :] << 4)).reshape(n, k // 2).contiguous()
+    steps = codes.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // 8, 2, 4)  # [block, row, step, half, j]
+    if bits == 4:
+        steps = steps.permute(0, 2, 1, 3, 4)  # [block, step, row, half, j]
+        return (steps[..., 0, :] | (steps[..., 1, :] << 4)).reshape(n, k // 2).contiguous()
+    return steps.permute(0, 2, 3, 1, 4).reshape(n, k).contiguous()  # [block, step, half, row, j]
 
 
 def by_block(values: torch.Tensor) -> torch.Tensor:
@@ -55,34 +58,55 @@ def _bf16(bias):
     return bias if bias is None or bias.dtype == torch.bfloat16 else bias.to(torch.bfloat16)
 
 
-def avx512_int4_linear(x, weight, scales, zeros, bias):
-    """x [..., K] bf16 -> [..., N] bf16."""
-    bias = _bf16(bias)
-    y = torch.ops.zen_woq_native.int4_linear(_rows(x), weight, scales, zeros, bias)
+def _linear(op, x, weight, scales, zeros, bias):
+    y = op(_rows(x), weight, scales, zeros, _bf16(bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def avx512_int4_linear_by_rows(x, weight, scales, zeros, bias):
-    """The same, with many rows through a dense GEMM where that was measured faster."""
+def _linear_by_rows(name, op, dequantize, x, weight, scales, zeros, bias):
     rows, bias = _rows(x), _bf16(bias)
     n, k = weight.shape[0], rows.shape[1]
     y = prefill.linear(
         rows,
-        ("avx512-int4", n, k, k // scales.shape[1]),
-        lambda: torch.ops.zen_woq_native.int4_linear(rows, weight, scales, zeros, bias),
-        lambda: torch.nn.functional.linear(rows, torch.ops.zen_woq_native.int4_dequantize(weight, scales, zeros), bias),
+        (name, n, k, k // scales.shape[1]),
+        lambda: op(rows, weight, scales, zeros, bias),
+        lambda: torch.nn.functional.linear(rows, dequantize(weight, scales, zeros), bias),
     )
     return y.reshape(*x.shape[:-1], n)
 
 
+def avx512_int4_linear(x, weight, scales, zeros, bias):
+    """x [..., K] bf16 -> [..., N] bf16."""
+    return _linear(torch.ops.zen_woq_native.int4_linear, x, weight, scales, zeros, bias)
+
+
+def avx512_int4_linear_by_rows(x, weight, scales, zeros, bias):
+    """The same, with many rows through a dense GEMM where that was measured faster."""
+    ops = torch.ops.zen_woq_native
+    return _linear_by_rows("avx512-int4", ops.int4_linear, ops.int4_dequantize, x, weight, scales, zeros, bias)
+
+
+def avx512_int8_linear(x, weight, scales, zeros, bias):
+    return _linear(torch.ops.zen_woq_native.int8_linear, x, weight, scales, zeros, bias)
+
+
+def avx512_int8_linear_by_rows(x, weight, scales, zeros, bias):
+    ops = torch.ops.zen_woq_native
+    return _linear_by_rows("avx512-int8", ops.int8_linear, ops.int8_dequantize, x, weight, scales, zeros, bias)
+
+
 class Avx512Int4Kernel(Kernel):
     name = "avx512-int4"
+    bits = 4
 
     def platform_reason(self, forced: bool) -> str | None:
         return native.unavailable_reason()
 
+    def bits_reason(self, layer: QuantizedLinear) -> str | None:
+        return eligibility.gptq_int4_reason(layer)
+
     def layer_reason(self, layer: QuantizedLinear) -> str | None:
-        reason = eligibility.gptq_int4_reason(layer)
+        reason = self.bits_reason(layer)
         if reason:
             return reason
         if layer.activation_dtype != torch.bfloat16:
@@ -94,13 +118,14 @@ class Avx512Int4Kernel(Kernel):
         return None
 
     def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
-        codes = weights.q.to(torch.int16) + 8
-        zero = weights.zero_point.to(torch.int16) + 8 if weights.zero_point is not None else torch.full_like(weights.scale, 8, dtype=torch.int16)
-        if codes.min() < 0 or codes.max() > 15 or zero.min() < 0 or zero.max() > 255:
-            raise ValueError("values or zero points outside the signed 4-bit range")
+        offset = 1 << (self.bits - 1)  # signed values -> unsigned codes
+        codes = weights.q.to(torch.int16) + offset
+        zero = weights.zero_point.to(torch.int16) + offset if weights.zero_point is not None else torch.full_like(weights.scale, offset, dtype=torch.int16)
+        if codes.min() < 0 or codes.max() >= 2 * offset or zero.min() < 0 or zero.max() > 255:
+            raise ValueError(f"values or zero points outside the signed {self.bits}-bit range")
         scale_dtype = weights.scale.dtype if weights.scale.dtype in (torch.bfloat16, torch.float32) else torch.float32
         return {
-            "weight": pack_codes(codes.to(torch.uint8)),
+            "weight": pack_codes(codes.to(torch.uint8), self.bits),
             "scales": by_block(weights.scale.to(scale_dtype)),  # a copy: the checkpoint's is emptied
             "zeros": by_block(zero.to(torch.uint8)),
         }
@@ -110,3 +135,18 @@ class Avx512Int4Kernel(Kernel):
 
     def arguments(self, x, constants, bias) -> tuple:
         return (x, constants["weight"], constants["scales"], constants["zeros"], bias)
+
+
+class Avx512Int8Kernel(Avx512Int4Kernel):
+    """The same kernel on 8-bit weights: the opt-in int8 lm_head (:mod:`zen_woq_pass.head`)."""
+
+    name = "avx512-int8"
+    bits = 8
+
+    def bits_reason(self, layer: QuantizedLinear) -> str | None:
+        if layer.num_bits != 8:
+            return f"{layer.num_bits}-bit weights; it takes 8-bit"
+        return eligibility.grouped_frozen_reason(layer)
+
+    target = staticmethod(avx512_int8_linear)
+    eager_target = staticmethod(avx512_int8_linear_by_rows)
