@@ -9,7 +9,7 @@ from torch._inductor.utils import run_and_get_code
 from transformers.generation.configuration_utils import CompileConfig
 
 import zen_woq_pass
-from zen_woq_pass import gemv
+from zen_woq_pass import decode, gemv
 from zen_woq_pass.measure import greedy
 
 def _graphs_compiled_by(fn) -> list:
@@ -71,3 +71,32 @@ def test_in_place_writes_nobody_reads_survive_the_pass():
     cache, value = torch.zeros(4, 3), torch.ones(1, 3)
     out = torch.compile(step, backend="zen_woq", fullgraph=True)(cache, torch.tensor([2]), value)
     assert torch.equal(out, value * 2) and torch.equal(cache[2], value[0]) and cache.sum() == 3
+
+
+def test_in_place_writes_nobody_reads_survive_inside_nested_compile_regions():
+    """compile=True makes the decoder layers one nested compile region; FX's dead-code pass recurses
+    into such subgraphs, and there dropped each layer's cache update (wrong tokens from the third)."""
+
+    @torch.compiler.nested_compile_region
+    def layer(cache, position, value):
+        cache.index_copy_(0, position, value)
+        return value * 2
+
+    def step(caches, position, value):
+        for cache in caches:
+            value = layer(cache, position, value)
+        return value
+
+    caches, value = [torch.zeros(4, 3) for _ in range(3)], torch.ones(1, 3)
+    out = torch.compile(step, backend="zen_woq", fullgraph=True)(caches, torch.tensor([2]), value)
+    assert torch.equal(out, value * 8)
+    assert [cache[2].tolist() for cache in caches] == [[1.0] * 3, [2.0] * 3, [4.0] * 3]
+    assert all(cache.sum() == 3 * cache[2, 0] for cache in caches)
+
+
+def test_the_decoder_layers_are_one_nested_compile_region(checkpoints):
+    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), compile=True)
+    layers = decode.repeated_layers(model)
+    assert layers == list(model.model.layers)
+    assert len({layer.forward.__func__ for layer in layers}) == 1
+    assert type(model.model.layers[0]).forward is not layers[0].forward.__func__  # the class is untouched

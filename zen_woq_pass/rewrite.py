@@ -44,9 +44,12 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             _splice(gm, match, plan)
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
             used.append((match.constant_values, plan))
-    # Erase only the unpacking the kernels replaced: FX's dead-code pass would also drop in-place
-    # writes nobody reads, such as a static KV cache's update.
-    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node not in unpacking or node.is_impure())
+    # Erase only the unpacking the kernels replaced, users first. FX's dead-code pass would also drop
+    # in-place writes nobody reads, such as a static KV cache's update, here and (it recurses) in
+    # the subgraphs of nested compile regions.
+    for node in reversed(gm.graph.nodes):
+        if node in unpacking and not node.users:
+            gm.graph.erase_node(node)
     gm.recompile()
     report_module.log(decisions)
     calls = tuple(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
