@@ -8,16 +8,11 @@ carries a ``compile_config`` (on CPU only with ``_compile_all_devices``). Each s
 shape, so one graph; its cache length is dynamic, so a longer ``generate`` (a bigger static cache)
 reuses it. Prefill, one call per ``generate`` with many tokens, stays eager on the kernels and costs
 no compile; so does a plain ``model(...)``.
-
-The decoder layers are one nested compile region (``torch.compiler.nested_compile_region``):
-dynamo still traces each layer, but Inductor compiles the layer's code once for all of them. On
-SmolLM2 (30 layers) the first ``generate`` went from 49-51 s to 28-34 s, the tokens unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from transformers.generation.configuration_utils import CompileConfig
@@ -47,25 +42,6 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
             return decode_step
         return transformers_compiled_call(compile_config)
 
-    _one_region_for_the_layers(model)
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
     model.get_compiled_call = get_compiled_call
-
-
-def repeated_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The longest ModuleList of modules of one class (a decoder's layers), or []."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    same = [list(m) for m in lists if len({type(layer) for layer in m}) == 1]
-    return max(same, key=len, default=[])
-
-
-def _one_region_for_the_layers(model: torch.nn.Module) -> None:
-    """Each layer's forward becomes one shared nested compile region, for these instances only."""
-    layers = repeated_layers(model)
-    if not layers or getattr(getattr(layers[0].forward, "__func__", None), "_zen_woq_region", False):
-        return  # optimized before
-    region = torch.compiler.nested_compile_region(type(layers[0]).forward)
-    region._zen_woq_region = True
-    for layer in layers:
-        layer.forward = types.MethodType(region, layer)
