@@ -6,8 +6,8 @@ Inductor uses too) into ``<cache>/native/<key>/``, under a file lock; ``key`` ha
 the flags, torch's version and the compiler's, so a changed one builds anew and a found library is
 whole (it is renamed into place when complete). torch's ``cpp_extension.load`` would need ninja and
 a Python module; a plain ``TORCH_LIBRARY`` shared object loaded by ``torch.ops.load_library`` needs
-neither. It is built for AVX512-VNNI and AVX512-BF16 and loaded only where the CPU has both: anywhere else its code
-must never run.
+neither. It is built for AVX512-VNNI and AVX512-BF16 and loaded only where the CPU has both:
+anywhere else its code must never run.
 """
 
 from __future__ import annotations

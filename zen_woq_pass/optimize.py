@@ -38,16 +38,18 @@ def optimize(
 ) -> torch.nn.Module:
     """Convert ``model`` in place and return it.
 
-    ``kernel``: "auto", a kernel's name ("zentorch", "aten-int4", "dense") or "default" (see the
-    backend's options). By default the layers run their kernels eagerly: on SmolLM2-135M that was
-    2.3x transformers' decode speed with a first ``generate`` of 1.5 s (README, this CPU); a
+    ``kernel``: "auto", a kernel's name ("zentorch", "avx512-int4", "aten-int4", "dense") or
+    "default" (see the backend's options). By default the layers run their kernels eagerly: on
+    SmolLM2-135M that was 2.4x transformers' decode speed with a first ``generate`` of 1.8 s (README,
+    an Intel Xeon); a
     prompt's many rows take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`).
     ``compile=True`` also compiles ``generate``'s decode step, once, as one ``backend="zen_woq"``
     graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
-    there 3.4x transformers for a first ``generate`` of 52 s, for long runs. ``fuse``: sibling
+    there 4.1x transformers for a first ``generate`` of 53 s, for long runs. ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
     the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
-    Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in). ``mode`` and any other keyword (an Inductor config patch) go to the backend.
+    Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in).
+    ``mode`` and any other keyword (an Inductor config patch) go to the backend.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """

@@ -225,14 +225,14 @@ Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor
   const int64_t N = weight.size(0);
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(1) * 8 == K * bits && weight.is_contiguous(),
               "zen_woq int", bits, "_linear: weight must be contiguous uint8 [N, K * ", bits, " / 8] for K = ", K);
-  TORCH_CHECK(N % ROWS == 0, "zen_woq int4_linear: out_features ", N, " is not a multiple of ", ROWS);
+  TORCH_CHECK(N % ROWS == 0, "zen_woq int", bits, "_linear: out_features ", N, " is not a multiple of ", ROWS);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
                   (K / scales.size(1)) % 16 == 0 && scales.is_contiguous(),
-              "zen_woq int4_linear: scales must be contiguous [N, G] with groups a multiple of 16");
+              "zen_woq int", bits, "_linear: scales must be contiguous [N, G] with groups a multiple of 16");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat,
-              "zen_woq int4_linear: scales must be bf16 or float32");
+              "zen_woq int", bits, "_linear: scales must be bf16 or float32");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
-              "zen_woq int4_linear: zeros must be contiguous uint8 shaped like scales");
+              "zen_woq int", bits, "_linear: zeros must be contiguous uint8 shaped like scales");
   const int64_t G = scales.size(1);
   return Shape{N, K, G, K / G, bits};
 }
