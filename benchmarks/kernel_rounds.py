@@ -14,13 +14,14 @@ round). Random weights, packed by the kernels' own code. Ratios are comparable w
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from zen_woq_pass import native
 from zen_woq_pass.kernels.avx512_int4 import by_block, pack_codes
+from zen_woq_pass.measure import best_ms
 
+ROUNDS = 50  # best of
 MODELS = {  # name: (layers, [(out_features, in_features, group)])
     "SmolLM2-135M": (30, [(960, 576, 64), (576, 576, 64), (3072, 576, 64), (576, 1536, 64)]),
     "hidden 2048": (4, [(3072, 2048, 128), (2048, 2048, 128), (11264, 2048, 128), (2048, 5632, 128)]),
@@ -41,17 +42,6 @@ def _layer(n: int, k: int, group: int) -> dict:
     }
 
 
-def best_ms(fn, rounds: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -61,7 +51,7 @@ def main() -> None:
     reason = native.unavailable_reason()
     if reason:
         raise SystemExit(f"avx512-int4 cannot run here: {reason}")
-    print(f"# {args.threads} threads; best of 50 rounds")
+    print(f"# {args.threads} threads; best of {ROUNDS} rounds")
     print("| model | rows | avx512-int4 ms | aten-int4 ms | aten / ours | dense bf16 ms (one layer per shape in cache, x layers) |")
     print("|---|---|---|---|---|---|")
     for name, (count, shapes) in MODELS.items():
@@ -69,9 +59,9 @@ def main() -> None:
         megabytes = sum(layer["bytes"] for _, layer in layers) / 1e6
         for rows in args.rows:
             xs = {k: torch.randn(rows, k).to(torch.bfloat16) for _, k, _ in shapes}
-            ours = best_ms(lambda: [torch.ops.zen_woq_native.int4_linear(xs[k], *layer["ours"], None) for k, layer in layers])
-            aten = best_ms(lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[k], *layer["aten"]) for k, layer in layers])
-            dense = best_ms(lambda: [torch.nn.functional.linear(xs[k], layer["dense"]) for k, layer in layers[: len(shapes)]]) * count
+            ours = best_ms(lambda: [torch.ops.zen_woq_native.int4_linear(xs[k], *layer["ours"], None) for k, layer in layers], ROUNDS, 3)
+            aten = best_ms(lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[k], *layer["aten"]) for k, layer in layers], ROUNDS, 3)
+            dense = best_ms(lambda: [torch.nn.functional.linear(xs[k], layer["dense"]) for k, layer in layers[: len(shapes)]], ROUNDS, 3) * count
             print(f"| {name} ({len(layers)} calls, {megabytes:.0f} MB) | {rows} | {ours:.2f} ({megabytes / ours:.0f} GB/s) | {aten:.2f} | x{aten / ours:.2f} | {dense:.1f} |", flush=True)
 
 

