@@ -4,12 +4,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zen_woq_pass
+from zen_woq_pass import native, platform
 from zen_woq_pass.measure import compare_greedy
 from zen_woq_pass.numerics import sqnr_db
 
 # kernel -> a fragment of the call its layers become in a graph (rewritten, or traced from optimize)
 KERNEL_CALLS = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack", "avx512-int4": "int4_linear"}
 FOUR_BIT_KERNELS = frozenset(KERNEL_CALLS)
+
+
+def four_bit_kernels_here(zentorch: bool = True) -> set[str]:
+    """The 4-bit kernels whose CPU gate says yes here (``zentorch=False``: as if it were missing)."""
+    here = {"aten-int4"} | ({"avx512-int4"} if native.unavailable_reason() is None else set())
+    return here | ({"zentorch"} if zentorch and platform.zentorch_cpu_reason() is None else set())
+
 INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 NEW_TOKENS = 32
 _references = {}

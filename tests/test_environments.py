@@ -8,13 +8,12 @@ import textwrap
 import pytest
 import torch
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
-from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, run_compiled
+from helpers import INPUT_IDS, assert_close_to_reference, four_bit_kernels_here, fp32_reference, load, run_compiled
 
 import zen_woq_pass
-from zen_woq_pass import native, platform
+from zen_woq_pass import platform
 
-# the 4-bit kernels auto may pick here when zentorch is out
-WITHOUT_ZENTORCH = {"aten-int4"} | ({"avx512-int4"} if native.unavailable_reason() is None else set())
+WITHOUT_ZENTORCH = four_bit_kernels_here(zentorch=False)  # what auto may pick here when zentorch is out
 
 
 def test_without_zentorch_auto_uses_another_4_bit_kernel_and_doctor_says_why(checkpoints):
