@@ -25,6 +25,7 @@ def test_doctor_gives_facts_self_checks_and_a_verdict():
     assert rc == 0, out
     assert "avx512_bf16:" in out and "zentorch     : 2.13" in out
     assert "self-check   : aten-int4: passed" in out
+    assert "timings      : " in out and "/timings/" in out
     verdict = out.splitlines()[-1]
     qualifying = four_bit_kernels_here()
     assert any(f"uses {kernel} here" in verdict for kernel in qualifying), verdict

@@ -27,15 +27,10 @@ def _check_both_paths(path, options=None):
     optimized = zen_woq_pass.optimize(load(path, keep=False), **({"kernel": options["kernel"]} if options else {}))
     with torch.no_grad():
         assert_close_to_reference(optimized(INPUT_IDS).logits, eager, reference, MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB)
-    assert _kernels(optimized.zen_woq_report, options) == _kernels(report, options)
+    # the same kernel per layer: torch._dynamo.reset() between the two paths forgets this process's
+    # races, and the timings this machine kept (zen_woq_pass.timings) decide them the same way
+    assert [d.kernel for d in optimized.zen_woq_report.layers] == [d.kernel for d in report.layers]
     return report
-
-
-def _kernels(report, options):
-    """Each layer's kernel where one was asked for; under ``auto`` only 4-bit or dense, since
-    ``torch._dynamo.reset()`` between the two paths re-runs the M=1 race, and on a busy host two
-    kernels within noise of each other may swap."""
-    return [d.kernel if options else d.kernel in FOUR_BIT_KERNELS for d in report.layers]
 
 
 @pytest.mark.parametrize("name", ["llama_awq", "llama_actorder"])

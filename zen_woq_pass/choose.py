@@ -4,13 +4,15 @@ The chain's order says which kernels to try, not which is faster: on a Zen 4 (is
 decoded 1.3-2x faster than zentorch, which the chain tries first. So where more than one 4-bit
 kernel passes its self-check for a layer, each runs that layer's packed constants at M=1 (a decode
 step: what generation repeats) and the fastest wins. Best of 20 calls, once per (kernels, layer
-signature, activation dtype) per process; the losers' times go in the report.
+signature, activation dtype) per machine (:mod:`zen_woq_pass.timings`); the losers' times go in
+the report.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zen_woq_pass import timings
 from zen_woq_pass.layer import QuantizedLinear
 from zen_woq_pass.measure import best_ms
 
@@ -23,7 +25,9 @@ def fastest(candidates: list, layer: QuantizedLinear, bias: torch.Tensor | None)
     key = (tuple(kernel.name for kernel, _ in candidates), layer.signature, layer.activation_dtype)
     if key not in _times:
         x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(layer.activation_dtype)
-        _times[key] = tuple(best_ms(lambda: kernel.run(x, constants, bias)) for kernel, constants in candidates)
+        _times[key] = timings.remembered(
+            "M=1", key, lambda: [best_ms(lambda: kernel.run(x, constants, bias)) for kernel, constants in candidates]
+        )
     times = _times[key]
     best = min(range(len(times)), key=times.__getitem__)
     winner = candidates[best][0].name

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from zen_woq_pass import platform
+from zen_woq_pass import platform, timings
 from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.report import DEFAULT_PATH, last_report
@@ -48,6 +48,7 @@ def report() -> tuple[list[str], str]:
         result = "passed (within the bf16 bound of the fp32 reference)" if decision.kernel == kernel.name else decision.reason
         lines.append(f"self-check   : {kernel.name}: {result}")
     auto = probe("auto")
+    lines.append(f"timings      : {timings.path()} (races measured once per machine; delete it to measure again)")
     if auto.kernel == DEFAULT_PATH:
         return lines, f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."
     passed_over = f" (not {auto.reason})" if auto.reasons else ""

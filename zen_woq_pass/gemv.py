@@ -4,7 +4,7 @@ At decode a Linear multiplies one row, and SmolLM2's tied bf16 head (49152x576, 
 bytes read per token. On the Xeon this was written on (2 threads) ``torch.mv`` computed it in 4.2 ms
 from memory (cache flushed) where ``F.linear`` (a GEMM call) took 5.8 ms, and in 1.2 ms against
 2.1 ms with the head in cache, with the same bits (both accumulate in fp32 and round once). Which
-is faster depends on the CPU and the shape, so each shape is timed once per process (in cache: a
+is faster depends on the CPU and the shape, so each shape is timed once per machine (in cache: a
 cheap, fair race), on its own weight, and the layer switches only if ``mv`` wins. In a compiled
 graph ``mv`` is an opaque op (``zen_woq::mv``): Inductor would otherwise fuse it into a C++
 reduction of its own, which took 5.8 ms there (aten's ``mm`` 4.9 ms).
@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from zen_woq_pass import timings
 from zen_woq_pass.convert import KernelForward, is_quantized_linear
 from zen_woq_pass.keep_compressed import PackedForward
 from zen_woq_pass.measure import best_ms
@@ -59,8 +60,12 @@ def _timed(weight: torch.Tensor) -> tuple[float, float]:
     key = (tuple(weight.shape), weight.dtype)
     if key not in _timings:
         x = torch.randn(1, weight.shape[1]).to(weight.dtype)
-        with torch.no_grad():
-            _timings[key] = best_ms(lambda: F.linear(x, weight)), best_ms(lambda: torch.mv(weight, x[0]))
+
+        def measure():
+            with torch.no_grad():
+                return best_ms(lambda: F.linear(x, weight)), best_ms(lambda: torch.mv(weight, x[0]))
+
+        _timings[key] = timings.remembered("linear or mv", key, measure)
     return _timings[key]
 
 

@@ -1,0 +1,97 @@
+"""Race timings kept per machine, so a race is run once per machine and decides the same way in
+every process.
+
+``auto`` and the dense head choose their kernel by timing (:mod:`zen_woq_pass.choose`,
+:mod:`zen_woq_pass.gemv`). On a shared, noisy host two close kernels can swap places from one
+process to the next. A different pick makes a different graph, and Inductor's compile cache misses:
+SmolLM2's decode step then compiles in 138 s where a warm cache gives 13 s (an Intel Xeon, 2
+threads). So the first measurement is written to a JSON file under the cache folder
+(``$ZEN_WOQ_CACHE``, else ``~/.cache/zen_woq_pass``), in ``timings/``. The file's name hashes what
+can change the result: the CPU model and flags, the thread count, the zentorch algorithm setting,
+and the versions of torch, zentorch, this package and its C++ kernel source. Delete the file to
+measure again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from zen_woq_pass import cache, platform
+
+_CSRC = Path(__file__).with_name("csrc")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@functools.cache
+def _installed() -> dict:
+    cpu = platform.cpu_info()
+    sources = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*")) if p.is_file()))
+    return {
+        "cpu": f"{cpu.vendor} family {cpu.family} model {cpu.model} {cpu.model_name}",
+        "flags": sorted(cpu.flags),
+        "torch": torch.__version__,
+        "zentorch": _version("zentorch"),
+        "zen_woq_pass": _version("zen_woq_pass"),
+        "csrc": sources.hexdigest()[:16],
+    }
+
+
+def _machine() -> dict:
+    """What a timing depends on besides the code being timed (threads and the environment may
+    change within a process)."""
+    return {
+        **_installed(),
+        "threads": torch.get_num_threads(),
+        "ZENDNNL_MATMUL_ALGO": os.environ.get("ZENDNNL_MATMUL_ALGO", ""),
+    }
+
+
+def path(machine: dict | None = None) -> Path:
+    """This machine's timings file."""
+    machine = machine or _machine()
+    digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+    return cache.root() / "timings" / f"{digest}.json"
+
+
+def _read(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())["timings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # absent or damaged: measure again
+
+
+def remembered(race: str, key: tuple, measure: Callable[[], tuple[float, ...]]) -> tuple[float, ...]:
+    """The times this machine measured for ``race`` and ``key``; ``measure()`` once if none."""
+    machine = _machine()
+    file = path(machine)
+    name = f"{race} {key!r}"
+    times = _read(file).get(name)
+    if times is not None:
+        return tuple(times)
+    times = tuple(measure())
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with cache.locked(file.parent / f".{file.name}.lock"):
+            timings = _read(file)
+            times = tuple(timings.setdefault(name, list(times)))  # another process may have been first
+            partial = Path(tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")[1])
+            partial.write_text(json.dumps({"machine": machine, "timings": timings}, indent=1))
+            partial.replace(file)
+    except OSError:
+        pass  # a read-only cache folder: this process keeps its own measurement
+    return times
