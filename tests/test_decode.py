@@ -1,15 +1,17 @@
 """``optimize(compile=True)``: ``generate`` decodes through one compiled graph (static cache, dynamic
 length) and prefills eagerly. The same greedy tokens as the eager reference but for near-ties,
 every 4-bit call of the step in that graph with no unpack, no recompile for new prompt lengths or
-longer generations, and the head's ``mv`` one opaque op in compiled code."""
+longer generations, the head's ``mv`` one opaque op in compiled code, and each 4-bit kernel driven
+from Inductor's C++ wrapper."""
 
+import pytest
 import torch
 from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, load, load_reference
 from torch._inductor.utils import run_and_get_code
 from transformers.generation.configuration_utils import CompileConfig
 
 import zen_woq_pass
-from zen_woq_pass import gemv
+from zen_woq_pass import gemv, native
 from zen_woq_pass.measure import greedy
 
 def _graphs_compiled_by(fn) -> list:
@@ -94,3 +96,18 @@ def test_in_place_writes_nobody_reads_survive_inside_nested_compile_regions():
     assert [cache[2].tolist() for cache in caches] == [[1.0] * 3, [2.0] * 3, [4.0] * 3]
     assert all(cache.sum() == 3 * cache[2, 0] for cache in caches)
 
+
+
+@pytest.mark.parametrize("kernel", ["zentorch", "avx512-int4", "aten-int4"])
+def test_each_4_bit_kernel_decodes_through_the_cpp_wrapper(checkpoints, kernel):
+    if kernel == "avx512-int4" and native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    path = checkpoints("qwen2_asym_bias")  # zero points and biases reach the kernel
+    reference = greedy(load_reference(path), INPUT_IDS[:1], NEW_TOKENS)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=True, kernel=kernel)
+    torch._dynamo.reset()  # a fresh compile, not a code cache hit, so that its code is seen
+    tokens, codes = run_and_get_code(greedy, model, INPUT_IDS[:1], NEW_TOKENS)
+    assert_same_greedy(path, model, INPUT_IDS[:1], tokens, reference)
+    [step] = zen_woq_pass.recent_reports()[-1:]
+    assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)
+    assert codes and all("CppWrapperCodeCache" in code for code in codes), codes[0][:2000]  # C++ calls the kernels
