@@ -33,7 +33,8 @@ from pathlib import Path
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
-# kernel with "+"-joined extras: "compile", "int4-head", "int8-head")
+# kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "py-wrapper"); an engine named
+# "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
     "hf-bf16": ("transformers eager, bf16", "dense", None),
@@ -46,6 +47,12 @@ ENGINES = {
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
     "zen_woq-auto-int4-head": ("zen_woq auto + lm_head=\"int4\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+int4-head"),
     "zen_woq-auto-compiled": ("zen_woq auto + compile=True (decode step), W4A16 RTN", "w4a16-rtn", "auto+compile"),
+    "zen_woq-auto-compiled-warm": (
+        "zen_woq auto + compile=True, a second process (the row above's caches)", "w4a16-rtn", "auto+compile"
+    ),
+    "zen_woq-auto-compiled-py-wrapper": (
+        "zen_woq auto + compile=True, Python wrapper (cpp_wrapper=False)", "w4a16-rtn", "auto+compile+py-wrapper"
+    ),
     "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
     "zen_woq-auto-compiled-int8-head": (
         "zen_woq auto + compile=True + lm_head=\"int8\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+compile+int8-head"
@@ -75,16 +82,15 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple[dict, object]:
-    """Speed with a plain context, then the quality windows with a ``logits_all`` one."""
+def llama(path: str, threads: int, context: int, logits_all: bool = False, extra_bufts: bool = True):
+    """A llama.cpp model on ``threads``; ``extra_bufts=False``: without its extra buffer types (AMX,
+    repacking), whose AMX path crashes with SIGILL on some CPUs."""
     import logging
 
-    import numpy as np
     import llama_cpp
     from llama_cpp import Llama
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what verbose=False sets, before quantizing
-
     if not extra_bufts:  # llama-cpp-python does not expose use_extra_bufts; its Llama reads these defaults
         defaults = llama_cpp.llama_cpp.llama_model_default_params
 
@@ -94,6 +100,29 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
             return params
 
         llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
+    return Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context, logits_all=logits_all, verbose=False)
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """Greedy, like ``measure.greedy``: prompt in one batch, then one token per eval."""
+    import numpy as np
+    import llama_cpp
+
+    llm.reset()  # the next eval clears the KV cache from position 0
+    llm.eval(prompt)
+    tokens = []
+    while True:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        tokens.append(int(logits.argmax()))
+        if len(tokens) == n:
+            return tokens
+        llm.eval(tokens[-1:])
+
+
+def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple[dict, object]:
+    """Speed with a plain context, then the quality windows with a ``logits_all`` one."""
+    import llama_cpp
+
     path, threads = setup["gguf"], setup["threads"]
     if variant == "q4_0":
         params = llama_cpp.llama_model_quantize_default_params()
@@ -104,25 +133,14 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
         path = requantized
 
     def load(context, logits_all):
-        return Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context,
-                     logits_all=logits_all, verbose=False)
+        return llama(path, threads, context, logits_all, extra_bufts)
 
     start = time.perf_counter()
     llm = load(CONTEXT, False)
     row = {"load s": time.perf_counter() - start}
-    vocab = llm.n_vocab()
 
     def generate(prompt, n):
-        """Greedy, like ``measure.greedy``: prompt in one batch, then one token per eval."""
-        llm.reset()  # the next eval clears the KV cache from position 0
-        llm.eval(prompt)
-        tokens = []
-        while True:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-            tokens.append(int(logits.argmax()))
-            if len(tokens) == n:
-                return tokens
-            llm.eval(tokens[-1:])
+        return llama_greedy(llm, prompt, n)
 
     ids, new = setup["ids"], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: generate(ids[:PROMPT], new))
@@ -169,7 +187,8 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     elif how is not None:
         kernel, *extras = how.split("+")
         lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)
-        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras)
+        wrapper = {"cpp_wrapper": False} if "py-wrapper" in extras else {}
+        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras, **wrapper)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too
@@ -216,7 +235,7 @@ def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
     """Run one engine in a child process; a crashed child gives a row with its error."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     if not args.warm_caches:
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{engine}")
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{engine.removesuffix('-warm')}")  # -warm: its row's
     command = [sys.executable, __file__, "--engine", engine, "--workdir", str(work)]
     done = subprocess.run(command + ([] if extra_bufts else ["--no-extra-bufts"]), env=env, stdout=subprocess.PIPE, text=True)
     label = ENGINES[engine][0] + ("" if extra_bufts else " [extra buffer types off]")
