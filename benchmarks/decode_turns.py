@@ -69,11 +69,11 @@ def _engine(label: str, threads: int, new: int) -> None:
         note = "" if extra_bufts else "[extra buffer types off]"
         llm = llama(gguf, threads, 2048, extra_bufts=extra_bufts)
         llama_greedy(llm, ids, 8)
-        decode = lambda: _llama_decode_tok_s(llm, ids, new)  # noqa: E731
+        decode = lambda: _llama_decode_tok_s(llm, ids, new)
     else:
         model = zen_woq_pass.optimize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), **ZEN_WOQ[label])
         greedy(model, torch.tensor([ids]), 8)  # compiles where asked
-        decode = lambda: time_generation(model, torch.tensor([ids]), new, runs=1).decode_tokens_per_s  # noqa: E731
+        decode = lambda: time_generation(model, torch.tensor([ids]), new, runs=1).decode_tokens_per_s
     print(f"ready {time.perf_counter() - start:.1f} {note}", flush=True)
     for _ in sys.stdin:
         print(decode(), flush=True)

@@ -97,7 +97,6 @@ def test_in_place_writes_nobody_reads_survive_inside_nested_compile_regions():
     assert all(cache.sum() == 3 * cache[2, 0] for cache in caches)
 
 
-
 @pytest.mark.parametrize("kernel", ["zentorch", "avx512-int4", "aten-int4"])
 def test_each_4_bit_kernel_decodes_through_the_cpp_wrapper(checkpoints, kernel):
     if kernel == "avx512-int4" and native.unavailable_reason():

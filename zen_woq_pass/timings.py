@@ -20,8 +20,8 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,9 +70,10 @@ def path(machine: dict | None = None) -> Path:
 
 def _read(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())["timings"]
+        timings = json.loads(file.read_text())["timings"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # absent or damaged: measure again
+    return timings if isinstance(timings, dict) else {}
 
 
 def remembered(race: str, key: tuple, measure: Callable[[], tuple[float, ...]]) -> tuple[float, ...]:
@@ -89,9 +90,10 @@ def remembered(race: str, key: tuple, measure: Callable[[], tuple[float, ...]]) 
         with cache.locked(file.parent / f".{file.name}.lock"):
             timings = _read(file)
             times = tuple(timings.setdefault(name, list(times)))  # another process may have been first
-            partial = Path(tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")[1])
-            partial.write_text(json.dumps({"machine": machine, "timings": timings}, indent=1))
-            partial.replace(file)
+            handle, partial = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
+            with os.fdopen(handle, "w") as out:
+                json.dump({"machine": machine, "timings": timings}, out, indent=1)
+            os.replace(partial, file)  # readers see the old file or the new one, never half of one
     except OSError:
         pass  # a read-only cache folder: this process keeps its own measurement
     return times
