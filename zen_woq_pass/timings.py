@@ -3,9 +3,9 @@ every process.
 
 ``auto`` and the dense head choose their kernel by timing (:mod:`zen_woq_pass.choose`,
 :mod:`zen_woq_pass.gemv`). On a shared, noisy host two close kernels can swap places from one
-process to the next. A different pick makes a different graph, and Inductor's compile cache misses:
-SmolLM2's decode step then compiles in 138 s where a warm cache gives 13 s (an Intel Xeon, 2
-threads). So the first measurement is written to a JSON file under the cache folder
+process to the next. A different pick makes a different graph, which Inductor's compile cache
+does not hold: SmolLM2's decode step compiles in about 60 s cold where a warm cache gives 13-15 s
+(an Intel Xeon, 2 threads). So the first measurement is written to a JSON file under the cache folder
 (``$ZEN_WOQ_CACHE``, else ``~/.cache/zen_woq_pass``), in ``timings/``. The file's name hashes what
 can change the result: the CPU model and flags, the thread count, the zentorch algorithm setting,
 and the versions of torch, zentorch, this package and its C++ kernel source. Delete the file to
