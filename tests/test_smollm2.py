@@ -43,10 +43,14 @@ MAKER = """
     def make(variant, out, root):  # stands in for the real conversion: slow, leaves a trace per call
         with open(Path(root) / "made.log", "a") as log:
             log.write(f"{os.getpid()}\\n")
+        deadline = time.monotonic() + 60  # the other process is about to ask too: a busy host may start it late
+        while len(list(Path(root).glob("asking-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(2.0)
         (out / "config.json").write_text("{}")
 
     smollm2._make = make
+    (Path(sys.argv[1]) / f"asking-{os.getpid()}").touch()
     print(smollm2.checkpoint("dense", sys.argv[1]))
 """
 
