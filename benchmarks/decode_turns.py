@@ -24,7 +24,7 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vs_llamacpp import PROMPT, llama, llama_greedy, machine
+from vs_llamacpp import PROMPT, llama, llama_greedy, llama_timing, machine
 
 import zen_woq_pass
 from zen_woq_pass import quality, smollm2
@@ -47,16 +47,6 @@ def _extra_bufts_work(gguf: str, threads: int) -> bool:
     return done.returncode != -signal.SIGILL
 
 
-def _llama_decode_tok_s(llm, prompt: list[int], new: int) -> float:
-    """As ``measure.time_generation``: the prompt and one token, subtracted from prompt and new + 1."""
-    times = {}
-    for n in (1, new + 1):
-        start = time.perf_counter()
-        llama_greedy(llm, prompt, n)
-        times[n] = time.perf_counter() - start
-    return new / (times[new + 1] - times[1])
-
-
 def _engine(label: str, threads: int, new: int) -> None:
     """One engine in this (child) process: load and warm up, then one decode per line on stdin."""
     torch.set_num_threads(threads)
@@ -69,11 +59,12 @@ def _engine(label: str, threads: int, new: int) -> None:
         note = "" if extra_bufts else "[extra buffer types off]"
         llm = llama(gguf, threads, 2048, extra_bufts=extra_bufts)
         llama_greedy(llm, ids, 8)
-        decode = lambda: _llama_decode_tok_s(llm, ids, new)
+        decode = lambda: llama_timing(llm, ids, new, runs=1)[1]
     else:
         model = zen_woq_pass.optimize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), **ZEN_WOQ[label])
-        greedy(model, torch.tensor([ids]), 8)  # compiles where asked
-        decode = lambda: time_generation(model, torch.tensor([ids]), new, runs=1).decode_tokens_per_s
+        prompt = torch.tensor([ids])
+        greedy(model, prompt, 8)  # compiles where asked
+        decode = lambda: time_generation(model, prompt, new, runs=1).decode_tokens_per_s
     print(f"ready {time.perf_counter() - start:.1f} {note}", flush=True)
     for _ in sys.stdin:
         print(decode(), flush=True)

@@ -119,6 +119,14 @@ def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
         llm.eval(tokens[-1:])
 
 
+def llama_timing(llm, prompt: list[int], new: int, runs: int = 3) -> tuple[float, float | None]:
+    """(TTFT ms, decode tok/s) as ``measure.time_generation`` takes them: the prompt and one token,
+    and the per-token time of the other ``new`` (medians of ``runs``; None where noise beat it)."""
+    ttft = _median_ms(lambda: llama_greedy(llm, prompt, 1), runs)
+    full = _median_ms(lambda: llama_greedy(llm, prompt, new + 1), runs)
+    return ttft, 1e3 * new / (full - ttft) if full > ttft else None
+
+
 def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple[dict, object]:
     """Speed with a plain context, then the quality windows with a ``logits_all`` one."""
     import llama_cpp
@@ -144,9 +152,7 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
 
     ids, new = setup["ids"], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: generate(ids[:PROMPT], new))
-    row["TTFT-32 ms"] = _median_ms(lambda: generate(ids[:PROMPT], 1))  # as measure.time_generation does
-    full = _median_ms(lambda: generate(ids[:PROMPT], new + 1))
-    row["decode tok/s"] = 1e3 * new / (full - row["TTFT-32 ms"]) if full > row["TTFT-32 ms"] else None
+    row["TTFT-32 ms"], row["decode tok/s"] = llama_timing(llm, ids[:PROMPT], new)
     if setup["long_prompt"]:
         row["TTFT-512 ms"] = _median_ms(lambda: generate(ids[:LONG_PROMPT], 1), warmup=1)
     row["RSS MB"] = rss_mb()
