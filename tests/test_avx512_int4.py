@@ -114,6 +114,12 @@ def test_a_batch_of_sequences_reshapes_like_a_linear():
     assert torch.equal(y[1, 2], KERNEL.run(x[1, 2:3].contiguous(), constants, None)[0])
 
 
+@pytest.mark.skipif(bool(native._real_cpu_info().missing_flags(native.CPU_FLAGS)), reason="the CPU lacks AVX512-VNNI/BF16")
+def test_it_builds_and_loads_where_the_cpu_has_the_flags():
+    """A build that fails is a "no" for the kernel, so every test above would skip: not here."""
+    assert native.unavailable_reason() is None
+
+
 def test_it_says_why_not_where_the_cpu_lacks_avx512_bf16(zen3_cpu):
     assert "lacks" in KERNEL.platform_reason(False) and "avx512" in KERNEL.platform_reason(False)
 

@@ -61,11 +61,11 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int, streamer=None) -> torch.Tensor:
-    """Exactly ``new_tokens`` greedy tokens (EOS does not stop early): [batch, new_tokens]."""
+    """Exactly ``new_tokens`` greedy tokens, the argmax at every step, EOS included, as llama.cpp's
+    loop in the benchmarks: [batch, new_tokens]. Not ``min_new_tokens``: its logits processor scans
+    the whole vocabulary each step (0.3 ms of a 10 ms SmolLM2 step), which no user pays."""
     with torch.no_grad():
-        out = model.generate(
-            input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer
-        )
+        out = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, streamer=streamer)
     return out[:, input_ids.shape[1]:]
 
 
