@@ -42,6 +42,15 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def _answer(tokenizer, tokens: torch.Tensor) -> str:
+    """The text up to the first end-of-sequence token: the greedy tokens go on past it (exactly
+    ``new_tokens`` of them, for the timing and the comparison)."""
+    ids = tokens[0].tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compile: bool = False) -> bool:
     """The main job; True when the optimized model's answer agrees with transformers' own (the
     same greedy tokens, or parting only at a near-tie within bf16 rounding noise)."""
@@ -70,8 +79,8 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compil
         print("prompt rows, measured on this prompt:\n" + "\n".join(f"  {choice}" for choice in prefill.choices()))
     comparison = measure.compare_greedy(dense, model, ids, tokens, reference)
     print(f"\nprompt              : {prompt!r}")
-    print(f"answer (zen_woq)    : {tokenizer.decode(tokens[0], skip_special_tokens=True)!r}")
-    print(f"answer (transformers): {tokenizer.decode(reference[0], skip_special_tokens=True)!r}")
+    print(f"answer (zen_woq)    : {_answer(tokenizer, tokens)!r}")
+    print(f"answer (transformers): {_answer(tokenizer, reference)!r}")
     print(f"vs transformers' own dense model: {comparison.explain()}")
     print(f"first generate{' (compile included)' if compile else ''}: {first_s:.1f} s")
     print(f"time to first token: {timing.ttft_ms:.1f} ms (transformers: {dense_timing.ttft_ms:.1f} ms)")

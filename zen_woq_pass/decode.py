@@ -15,8 +15,8 @@ median 100 tokens/s against 89. Its wrapper is built apart from the kernels
 (``cpp_wrapper_build_separate``), so the two compile at the same time: a cold first ``generate``
 took 68 s, against 71 s with the Python wrapper and 138 s built as one file. A user's own setting
 of either wins. The wrapper is compiled at -O0 and without Inductor's size asserts (dynamo's guards
-check the inputs): its -O1 build took 10 s of a cold compile (-O0: 4 s), for the same decode speed (107.2 and
-107.4 tokens/s, six alternating rounds in one process).
+check the inputs): built at -O1 it took 10 s of a cold compile, at -O0 4 s, for the same decode
+speed (107.2 and 107.4 tokens/s, six alternating rounds in one process).
 """
 
 from __future__ import annotations
