@@ -110,3 +110,4 @@ def test_each_4_bit_kernel_decodes_through_the_cpp_wrapper(checkpoints, kernel):
     [step] = zen_woq_pass.recent_reports()[-1:]
     assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)
     assert codes and all("CppWrapperCodeCache" in code for code in codes), codes[0][:2000]  # C++ calls the kernels
+    assert not any("assert_size_stride" in code for code in codes)  # dynamo's guards check the inputs
