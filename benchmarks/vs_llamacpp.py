@@ -147,14 +147,11 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
     llm = load(CONTEXT, False)
     row = {"load s": time.perf_counter() - start}
 
-    def generate(prompt, n):
-        return llama_greedy(llm, prompt, n)
-
     ids, new = setup["ids"], setup["new_tokens"]
-    row["first generate s"] = _seconds(lambda: generate(ids[:PROMPT], new))
+    row["first generate s"] = _seconds(lambda: llama_greedy(llm, ids[:PROMPT], new))
     row["TTFT-32 ms"], row["decode tok/s"] = llama_timing(llm, ids[:PROMPT], new)
     if setup["long_prompt"]:
-        row["TTFT-512 ms"] = _median_ms(lambda: generate(ids[:LONG_PROMPT], 1), warmup=1)
+        row["TTFT-512 ms"] = _median_ms(lambda: llama_greedy(llm, ids[:LONG_PROMPT], 1), warmup=1)
     row["RSS MB"] = rss_mb()
     del llm
     import torch
