@@ -108,11 +108,3 @@ def test_gemv_at_one_row_and_f_linear_above_compute_the_same(rows):
         assert torch.equal(got, expected)  # F.linear itself
     else:
         assert numerics.worst_excess(got[0], x[0], linear.weight.float(), linear.bias.float()) <= 1.0
-
-
-def test_optimize_times_the_unquantized_head_and_reports_its_choice(checkpoints):
-    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False))
-    [line] = model.zen_woq_report.dense_layers
-    assert line.startswith("lm_head 256x256 bfloat16, not quantized:") and "at one row" in line
-    assert isinstance(model.lm_head, GemvForward) == line.split(": ")[1].startswith("torch.mv")
-    assert line in str(model.zen_woq_report)

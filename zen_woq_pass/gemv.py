@@ -1,13 +1,19 @@
-"""Dense Linears left unquantized (the lm_head): ``torch.mv`` for one row, where it is faster.
+"""Dense Linears left unquantized (the lm_head): a faster one-row kernel, where one is measured faster.
 
 At decode a Linear multiplies one row, and SmolLM2's tied bf16 head (49152x576, 57 MB) is half the
-bytes read per token. On the Xeon this was written on (2 threads) ``torch.mv`` computed it in 4.2 ms
-from memory (cache flushed) where ``F.linear`` (a GEMM call) took 5.8 ms, and in 1.2 ms against
-2.1 ms with the head in cache, with the same bits (both accumulate in fp32 and round once). Which
-is faster depends on the CPU and the shape, so each shape is timed once per machine (in cache: a
-cheap, fair race), on its own weight, and the layer switches only if ``mv`` wins. In a compiled
-graph ``mv`` is an opaque op (``zen_woq::mv``): Inductor would otherwise fuse it into a C++
-reduction of its own, which took 5.8 ms there (aten's ``mm`` 4.9 ms).
+bytes read per token. Three ways to compute it, chosen per shape by a race from memory (the cache
+flushed before each call: a decode step reads the head after the rest of the model's weights):
+- ``F.linear`` (a GEMM call);
+- ``torch.mv``: on the Xeon this was first written on it took 4.2 ms from memory where ``F.linear``
+  took 5.8 ms, with the same bits (both accumulate in fp32 and round once);
+- the package's ``packed-bf16`` kernel (:mod:`zen_woq_pass.kernels.packed_bf16`): the same bf16
+  values held in 12 bits instead of 16, losslessly, so a quarter fewer bytes to read (AVX512-BF16
+  CPUs, bf16 weights whose rows' exponents are close enough, which SmolLM2's are). It is used up to
+  ``PACKED_MAX_ROWS`` rows; more rows go to ``F.linear`` on the bf16 weight, which stays.
+Each shape is timed once per machine (:mod:`zen_woq_pass.timings`), on its own weight, and the
+report says what was measured and chosen. In a compiled graph ``mv`` is an opaque op
+(``zen_woq::mv``): Inductor would otherwise fuse it into a C++ reduction of its own, which took
+5.8 ms there (aten's ``mm`` 4.9 ms).
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from zen_woq_pass import timings
+from zen_woq_pass import native, timings
 from zen_woq_pass.convert import KernelForward, is_quantized_linear
 from zen_woq_pass.keep_compressed import PackedForward
-from zen_woq_pass.measure import best_ms
+from zen_woq_pass.kernels import packed_bf16
+from zen_woq_pass.measure import best_ms_from_memory
+
+PACKED_MAX_ROWS = 2  # in cache, 2 rows took 1.7 ms against F.linear's 2.0 ms, 4 rows 2.5 against 2.1
 
 
 @torch.library.custom_op("zen_woq::mv", mutates_args=())
@@ -47,26 +56,53 @@ class GemvForward:
         return y.reshape(*input.shape[:-1], self.weight.shape[0])
 
 
+class PackedBf16Forward:
+    """Mixed in before a Linear class: up to ``PACKED_MAX_ROWS`` rows through the packed-bf16
+    kernel (buffers ``zen_woq_packed``, ``zen_woq_tops``), anything else through F.linear."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = input.numel() // input.shape[-1]
+        if rows > PACKED_MAX_ROWS or input.dtype != torch.bfloat16:
+            return F.linear(input, self.weight, self.bias)
+        x = input.reshape(rows, input.shape[-1]).contiguous()
+        y = torch.ops.zen_woq_native.packed_bf16_linear(x, self.zen_woq_packed, self.zen_woq_tops, self.bias)
+        return y.reshape(*input.shape[:-1], self.weight.shape[0])
+
+
 @functools.cache
 def _gemv_class(cls: type) -> type:
     return type(f"Gemv{cls.__name__}", (GemvForward, cls), {})
 
 
-_timings: dict[tuple, tuple[float, float]] = {}
+@functools.cache
+def _packed_class(cls: type) -> type:
+    return type(f"PackedBf16{cls.__name__}", (PackedBf16Forward, cls), {})
 
 
-def _timed(weight: torch.Tensor) -> tuple[float, float]:
-    """(F.linear ms, torch.mv ms) for one row, on this weight; once per shape and dtype."""
-    key = (tuple(weight.shape), weight.dtype)
+_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _timed(weight: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+    """ms per way to compute one row from memory, on this weight; once per shape and dtype."""
+    key = (tuple(weight.shape), weight.dtype, packed is not None)
     if key not in _timings:
         x = torch.randn(1, weight.shape[1]).to(weight.dtype)
+        ways = {"F.linear": lambda: F.linear(x, weight), "torch.mv": lambda: torch.mv(weight, x[0])}
+        if packed is not None:
+            ways["packed-bf16"] = lambda: torch.ops.zen_woq_native.packed_bf16_linear(x, *packed, None)
 
         def measure():
             with torch.no_grad():
-                return best_ms(lambda: F.linear(x, weight)), best_ms(lambda: torch.mv(weight, x[0]))
+                return tuple(best_ms_from_memory(call) for call in ways.values())
 
-        _timings[key] = timings.remembered("linear or mv", key, measure)
+        _timings[key] = dict(zip(ways, timings.remembered("one dense row from memory", key, measure)))
     return _timings[key]
+
+
+def _packed(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
+    """The weight packed for the packed-bf16 kernel, or None and why not."""
+    reason = native.unavailable_reason() or packed_bf16.why_not(weight)
+    return (None, reason) if reason else (packed_bf16.pack(weight), None)
 
 
 def _is_plain_dense(module: torch.nn.Module) -> bool:
@@ -74,7 +110,7 @@ def _is_plain_dense(module: torch.nn.Module) -> bool:
     return (
         isinstance(module, torch.nn.Linear)
         and not is_quantized_linear(module)
-        and not isinstance(module, (GemvForward, KernelForward, PackedForward))
+        and not isinstance(module, (GemvForward, PackedBf16Forward, KernelForward, PackedForward))
         and isinstance(weight, torch.Tensor)
         and weight.dim() == 2
         and weight.is_floating_point()
@@ -83,21 +119,31 @@ def _is_plain_dense(module: torch.nn.Module) -> bool:
 
 
 def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
-    """Switch every plain dense Linear where ``mv`` wins at one row; one sentence per layer
-    saying what was measured and chosen."""
+    """Switch every plain dense Linear to the way measured fastest at one row; one sentence per
+    layer saying what was measured and chosen."""
     notes = []
     for name, module in model.named_modules():
         if not _is_plain_dense(module):
             continue
-        linear_ms, mv_ms = _timed(module.weight)
-        chosen = "torch.mv" if mv_ms < linear_ms else "F.linear"
-        if mv_ms < linear_ms:
+        packed, why_not_packed = _packed(module.weight)
+        ms = _timed(module.weight, packed)
+        chosen = min(ms, key=ms.get)
+        if chosen == "torch.mv":
             module.__class__ = _gemv_class(type(module))
+        elif chosen == "packed-bf16":
+            module.register_buffer("zen_woq_packed", packed[0], persistent=False)
+            module.register_buffer("zen_woq_tops", packed[1], persistent=False)
+            module.__class__ = _packed_class(type(module))
         out_features, in_features = module.weight.shape
-        notes.append(
-            f"{name} {out_features}x{in_features} {str(module.weight.dtype).removeprefix('torch.')}, not quantized: "
-            f"{chosen} at one row (F.linear {linear_ms:.2f} ms, torch.mv {mv_ms:.2f} ms)"
-        )
+        measured = ", ".join(f"{way} {t:.2f} ms" for way, t in ms.items())
+        rows = f"up to {PACKED_MAX_ROWS} rows" if chosen == "packed-bf16" else "one row"
+        note = f"{name} {out_features}x{in_features} {str(module.weight.dtype).removeprefix('torch.')}, not quantized: "
+        note += f"{chosen} at {rows} (from memory: {measured})"
+        if chosen == "packed-bf16":
+            note += f"; holds {packed[0].nbytes / 1e6:.1f} MB packed beside the bf16 weight"
+        if why_not_packed:
+            note += f"; packed-bf16 not tried: {why_not_packed}"
+        notes.append(note)
     return tuple(notes)
 
 

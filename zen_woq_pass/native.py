@@ -32,18 +32,18 @@ log = logging.getLogger(__name__)
 # simulated Zen 4 must never run AVX-512 code on a real Zen 3.
 _real_cpu_info = platform.cpu_info
 
-SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))  # one library of all
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "fma")
 ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mfma")
 
 
-def _command(compiler: str, source: Path, out: Path) -> list[str]:
+def _command(compiler: str, sources: tuple[Path, ...], out: Path) -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in cpp_extension.include_paths()),
-        str(source), "-o", str(out),
+        *map(str, sources), "-o", str(out),
         # torch's own libgomp (same soname) serves our OpenMP regions: one thread pool, not two
         f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-lgomp",
     ]  # fmt: skip
@@ -57,7 +57,7 @@ def _build(compiler: str) -> Path:
     """The built library's path, built here if no process built it before."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(_command("", Path(), Path())), torch.__version__, version]).encode()
+        "\0".join([*(s.read_text() for s in SOURCES), " ".join(_command("", (), Path())), torch.__version__, version]).encode()
     ).hexdigest()[:16]
     folder = cache.root() / "native"
     final = folder / key / "zen_woq_native.so"
@@ -69,7 +69,7 @@ def _build(compiler: str) -> Path:
             return final
         partial = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=folder))
         try:
-            done = subprocess.run(_command(compiler, SOURCE, partial / final.name), capture_output=True, text=True)
+            done = subprocess.run(_command(compiler, SOURCES, partial / final.name), capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
             os.chmod(partial, 0o755)
@@ -108,10 +108,15 @@ def _describe_to_compile() -> None:
     for bits in (4, 8):
         torch.library.register_fake(f"zen_woq_native::int{bits}_linear")(_fake_linear)
         torch.library.register_fake(f"zen_woq_native::int{bits}_dequantize")(_fake_dequantize(bits))
+    torch.library.register_fake("zen_woq_native::packed_bf16_linear")(_fake_packed_bf16_linear)
 
 
 def _fake_linear(x, weight, scales, zeros, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_packed_bf16_linear(x, packed, tops, bias):
+    return x.new_empty(x.shape[0], tops.shape[0])
 
 
 def _fake_dequantize(bits: int):
