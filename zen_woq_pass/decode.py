@@ -26,6 +26,7 @@ import functools
 import torch
 from transformers.generation.configuration_utils import CompileConfig
 
+from zen_woq_pass import native
 from zen_woq_pass.backend import zen_woq
 
 
@@ -37,9 +38,19 @@ STEP_INDUCTOR_CONFIG = {
 }
 
 
+def _step_inductor_config() -> dict:
+    """``STEP_INDUCTOR_CONFIG``, and no compiler probe that the package's own build already made."""
+    if native.unavailable_reason() is not None:
+        return STEP_INDUCTOR_CONFIG
+    # Inductor builds ATen's vector headers once per instruction set the CPU has, to see that the
+    # compiler can (4 builds, about 7 s of a cold first generate on the Xeon). The same compiler
+    # built our AVX512-BF16 library. Its light probes (AMX, BF16 instructions) still run.
+    return {**STEP_INDUCTOR_CONFIG, "cpp.vec_isa_ok": True}
+
+
 def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
     """Make ``model.generate`` decode through one ``backend="zen_woq"`` graph (in place)."""
-    backend = functools.partial(zen_woq, options={**STEP_INDUCTOR_CONFIG, **backend_options}, mode=mode)
+    backend = functools.partial(zen_woq, options={**_step_inductor_config(), **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
     skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
