@@ -43,6 +43,39 @@ def test_generate_decodes_through_one_graph_for_every_length(checkpoints):
         assert _graphs_compiled_by(lambda: model(INPUT_IDS)) == []  # a plain forward stays eager
 
 
+def test_the_step_builds_its_causal_mask_from_the_padding_mask(checkpoints):
+    """generate hands the step the 2-D mask padded to the cache's length, not a 4-D mask it built
+    eagerly; the tokens are those of the step given transformers' 4-D mask, for a left-padded
+    batch too."""
+    path = checkpoints("llama_sym_g128")
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=True)
+    masks, compiled_call = [], model.get_compiled_call
+
+    def spying(config=None):
+        step = compiled_call(config)
+
+        def call(*args, **kwargs):
+            masks.append(kwargs["attention_mask"].clone())
+            return step(*args, **kwargs)
+
+        return call
+
+    model.get_compiled_call = spying
+    ids = INPUT_IDS.clone()
+    padding = torch.ones_like(ids)
+    ids[1, :4], padding[1, :4] = 0, 0  # the second row is 4 tokens shorter, left-padded
+    with_4d_masks = zen_woq_pass.optimize(load(path, keep=False), compile=True)
+    del with_4d_masks.create_masks_for_generate  # transformers' own
+    settings = {"attention_mask": padding, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None}
+    with torch.no_grad():
+        tokens = model.generate(ids, **settings)
+        expected = with_4d_masks.generate(ids, **settings)
+    assert len(masks) == NEW_TOKENS - 1 and {tuple(m.shape) for m in masks} == {(2, 12 + NEW_TOKENS - 1)}
+    assert all(torch.equal(m[1, :4], torch.zeros(4, dtype=m.dtype)) for m in masks)  # the padding stays masked
+    assert [int(m[0].sum()) for m in masks] == list(range(13, 12 + NEW_TOKENS))  # and so do the slots not yet written
+    assert torch.equal(tokens, expected)
+
+
 def test_a_users_own_compile_config_is_honoured(checkpoints):
     model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), compile=True)
     ours = model.get_compiled_call(model.generation_config.compile_config)

@@ -18,12 +18,13 @@ needs_the_kernel = pytest.mark.skipif(native.unavailable_reason() is not None, r
 
 def _weight(n=64, k=96, seed=0):
     """A trained-looking bf16 weight (magnitudes 0.005 to about 0.1) with exact zeros, a negative
-    zero and a row of zeros."""
+    zero, a row of zeros and a row as wide as the code takes (2^0 to 2^-13, both signs)."""
     generator = torch.Generator().manual_seed(seed)
     normal = torch.randn(n, k, generator=generator)
     weight = (normal.sign() * (0.005 + normal.abs() * 0.02)).to(torch.bfloat16)
     weight[0, :7] = 0
     weight[1, 3] = -0.0
+    weight[2, :14] = torch.tensor([2.0**-e for e in range(14)]) * torch.tensor([1, -1] * 7)
     weight[5] = 0
     return weight
 
@@ -34,7 +35,6 @@ def _without_negative_zero(weight):
 
 def test_the_layout_gives_back_every_bit():
     weight = _weight()
-    weight[2, :14] = torch.tensor([2.0 ** -e for e in range(14)]) * torch.tensor([1, -1] * 7)  # the widest row that fits
     assert packed_bf16.why_not(weight) is None
     packed, tops = packed_bf16.pack(weight)
     assert packed.shape == (64 // 16, 96 // 2, 48) and packed.dtype == torch.uint8 and tops.shape == (64,)

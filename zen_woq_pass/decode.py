@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
+from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
 from zen_woq_pass import native
@@ -73,3 +75,26 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
     model.get_compiled_call = get_compiled_call
+    if not hasattr(type(model), "create_masks_for_generate"):  # a model's own masks (multimodal) stay
+        model.create_masks_for_generate = _padding_mask_for_the_graph
+
+
+def _padding_mask_for_the_graph(*, attention_mask, past_key_values, **kwargs):
+    """The 2-D padding mask, zero-padded to the static cache's length, for the step to expand itself.
+
+    For a static cache, ``generate`` turns the 2-D mask into the 4-D causal one before every step, in
+    eager Python: 0.5-0.7 ms of a 12 ms step on SmolLM2 (about 20 small ops). Given the 2-D mask,
+    the model's forward builds the 4-D one itself, inside the compiled step. Padded to the cache's
+    length (the slots past the tokens so far are masked either way), it has one length for the
+    whole ``generate``: unpadded, the last step, where it fills the cache, compiled a second graph.
+    """
+    length = past_key_values.get_max_length()
+    if (
+        attention_mask is None
+        or attention_mask.ndim != 2
+        or any(past_key_values.is_sliding)
+        or not isinstance(length, int)
+        or length < attention_mask.shape[-1]
+    ):
+        return masking_utils.create_masks_for_generate(attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    return F.pad(attention_mask, (0, length - attention_mask.shape[-1]))
