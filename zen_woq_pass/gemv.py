@@ -19,6 +19,7 @@ report says what was measured and chosen. In a compiled graph ``mv`` is an opaqu
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,27 +83,23 @@ def _packed_class(cls: type) -> type:
 _timings: dict[tuple, dict[str, float]] = {}
 
 
-def _timed(weight: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
-    """ms per way to compute one row from memory, on this weight; once per shape and dtype."""
+def _timed(weight: torch.Tensor, packed: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> dict[str, float]:
+    """ms per way to compute one row from memory, on this weight; once per shape and dtype.
+    ``packed`` gives the packed-bf16 kernel's tensors (cached: packed once, and only if needed)."""
     key = (tuple(weight.shape), weight.dtype, packed is not None)
     if key not in _timings:
         x = torch.randn(1, weight.shape[1]).to(weight.dtype)
         ways = {"F.linear": lambda: F.linear(x, weight), "torch.mv": lambda: torch.mv(weight, x[0])}
         if packed is not None:
-            ways["packed-bf16"] = lambda: torch.ops.zen_woq_native.packed_bf16_linear(x, *packed, None)
+            ways["packed-bf16"] = lambda: torch.ops.zen_woq_native.packed_bf16_linear(x, *packed(), None)
 
         def measure():
-            with torch.no_grad():
-                return tuple(best_ms_from_memory(call) for call in ways.values())
+            if packed is not None:
+                packed()  # packed before any clock runs
+            return best_ms_from_memory(list(ways.values()))
 
         _timings[key] = dict(zip(ways, timings.remembered("one dense row from memory", key, measure)))
     return _timings[key]
-
-
-def _packed(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
-    """The weight packed for the packed-bf16 kernel, or None and why not."""
-    reason = native.unavailable_reason() or packed_bf16.why_not(weight)
-    return (None, reason) if reason else (packed_bf16.pack(weight), None)
 
 
 def _is_plain_dense(module: torch.nn.Module) -> bool:
@@ -125,14 +122,16 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     for name, module in model.named_modules():
         if not _is_plain_dense(module):
             continue
-        packed, why_not_packed = _packed(module.weight)
+        why_not_packed = native.unavailable_reason() or packed_bf16.why_not(module.weight)
+        packed = None if why_not_packed else functools.cache(functools.partial(packed_bf16.pack, module.weight))
         ms = _timed(module.weight, packed)
         chosen = min(ms, key=ms.get)
         if chosen == "torch.mv":
             module.__class__ = _gemv_class(type(module))
         elif chosen == "packed-bf16":
-            module.register_buffer("zen_woq_packed", packed[0], persistent=False)
-            module.register_buffer("zen_woq_tops", packed[1], persistent=False)
+            packed_weight, tops = packed()
+            module.register_buffer("zen_woq_packed", packed_weight, persistent=False)
+            module.register_buffer("zen_woq_tops", tops, persistent=False)
             module.__class__ = _packed_class(type(module))
         out_features, in_features = module.weight.shape
         measured = ", ".join(f"{way} {t:.2f} ms" for way, t in ms.items())
@@ -140,7 +139,7 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
         note = f"{name} {out_features}x{in_features} {str(module.weight.dtype).removeprefix('torch.')}, not quantized: "
         note += f"{chosen} at {rows} (from memory: {measured})"
         if chosen == "packed-bf16":
-            note += f"; holds {packed[0].nbytes / 1e6:.1f} MB packed beside the bf16 weight"
+            note += f"; holds {module.zen_woq_packed.nbytes / 1e6:.1f} MB packed beside the bf16 weight"
         if why_not_packed:
             note += f"; packed-bf16 not tried: {why_not_packed}"
         notes.append(note)

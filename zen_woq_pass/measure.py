@@ -49,18 +49,21 @@ def largest_cache_bytes() -> int:
     return max(sizes, default=64 * 2**20)
 
 
-def best_ms_from_memory(fn, runs: int = 5) -> float:
-    """Fastest wall time of ``fn()`` in ms with the caches flushed before each call (twice the
-    largest cache written, at most 1 GiB): how a decode step meets a layer's weights."""
+def best_ms_from_memory(calls, runs: int = 5) -> tuple[float, ...]:
+    """Fastest wall time in ms of each of ``calls`` with the caches flushed before every call (twice
+    the largest cache written, at most 1 GiB): how a decode step meets a layer's weights. The calls
+    take turns, so a slow spell of a shared host falls on all of them."""
     flush = torch.empty(min(2 * largest_cache_bytes(), 2**30) // 4)
-    best = float("inf")
+    best = [float("inf")] * len(calls)
     with torch.no_grad():
-        for run in range(runs + 1):  # the first call warms up
-            flush.fill_(run)
-            begin = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - begin) if run else best
-    return best * 1e3
+        for run in range(runs + 1):  # the first round warms up
+            for index, fn in enumerate(calls):
+                flush.fill_(run)
+                begin = time.perf_counter()
+                fn()
+                if run:
+                    best[index] = min(best[index], time.perf_counter() - begin)
+    return tuple(ms * 1e3 for ms in best)
 
 
 def read_bandwidth_gbs(megabytes: int = 256) -> float:

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from zen_woq_pass import cache, platform
-
-_CSRC = Path(__file__).with_name("csrc")
+from zen_woq_pass import cache, native, platform
 
 
 def _version(package: str) -> str:
@@ -40,7 +38,7 @@ def _version(package: str) -> str:
 @functools.cache
 def _installed() -> dict:
     cpu = platform.cpu_info()
-    sources = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*")) if p.is_file()))
+    sources = hashlib.sha256(b"".join(source.read_bytes() for source in native.SOURCES))
     return {
         "cpu": f"{cpu.vendor} family {cpu.family} model {cpu.model} {cpu.model_name}",
         "flags": sorted(cpu.flags),
