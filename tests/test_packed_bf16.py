@@ -86,12 +86,10 @@ def test_a_packed_linear_takes_the_kernel_up_to_its_rows_and_f_linear_above(rows
     with torch.no_grad():
         linear.weight.copy_(_weight(n=320, k=576))
     packed, tops = packed_bf16.pack(linear.weight)
-    linear.register_buffer("zen_woq_packed", packed, persistent=False)
-    linear.register_buffer("zen_woq_tops", tops, persistent=False)
     x = torch.randn(1, rows, 576, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = F.linear(x, linear.weight, linear.bias)
-        linear.__class__ = gemv._packed_class(torch.nn.Linear)
+        gemv.use_packed_bf16(linear, packed, tops)
         got = linear(x)
     if rows > gemv.PACKED_MAX_ROWS:
         assert torch.equal(got, expected)  # F.linear itself
@@ -105,10 +103,7 @@ def test_a_compiled_graph_calls_the_kernel_as_one_op():
     head = torch.nn.Linear(64, 320, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         head.weight.copy_(_weight(n=320, k=64))
-    packed, tops = packed_bf16.pack(head.weight)
-    head.register_buffer("zen_woq_packed", packed, persistent=False)
-    head.register_buffer("zen_woq_tops", tops, persistent=False)
-    head.__class__ = gemv._packed_class(torch.nn.Linear)
+    gemv.use_packed_bf16(head, *packed_bf16.pack(head.weight))
     x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = head(x)

@@ -80,6 +80,14 @@ def _packed_class(cls: type) -> type:
     return type(f"PackedBf16{cls.__name__}", (PackedBf16Forward, cls), {})
 
 
+def use_packed_bf16(module: torch.nn.Linear, packed: torch.Tensor, tops: torch.Tensor) -> None:
+    """Make ``module`` compute through the packed-bf16 kernel on :func:`packed_bf16.pack`'s output
+    (in place; its bf16 weight stays for more rows)."""
+    module.register_buffer("zen_woq_packed", packed, persistent=False)
+    module.register_buffer("zen_woq_tops", tops, persistent=False)
+    module.__class__ = _packed_class(type(module))
+
+
 _timings: dict[tuple, dict[str, float]] = {}
 
 
@@ -129,10 +137,7 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
         if chosen == "torch.mv":
             module.__class__ = _gemv_class(type(module))
         elif chosen == "packed-bf16":
-            packed_weight, tops = packed()
-            module.register_buffer("zen_woq_packed", packed_weight, persistent=False)
-            module.register_buffer("zen_woq_tops", tops, persistent=False)
-            module.__class__ = _packed_class(type(module))
+            use_packed_bf16(module, *packed())
         out_features, in_features = module.weight.shape
         measured = ", ".join(f"{way} {t:.2f} ms" for way, t in ms.items())
         rows = f"up to {PACKED_MAX_ROWS} rows" if chosen == "packed-bf16" else "one row"
