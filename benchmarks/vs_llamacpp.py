@@ -33,7 +33,7 @@ from pathlib import Path
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
-# kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "py-wrapper"); an engine named
+# kernel with "+"-joined extras: "compile", "layers", "int4-head", "int8-head", "py-wrapper"); an engine named
 # "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
@@ -52,6 +52,12 @@ ENGINES = {
     ),
     "zen_woq-auto-compiled-py-wrapper": (
         "zen_woq auto + compile=True, Python wrapper (cpp_wrapper=False)", "w4a16-rtn", "auto+compile+py-wrapper"
+    ),
+    "zen_woq-auto-compiled-layers": (
+        "zen_woq auto + compile=\"layers\" (opt-in: Inductor compiles one layer for all), W4A16 RTN", "w4a16-rtn", "auto+compile+layers"
+    ),
+    "zen_woq-auto-compiled-layers-warm": (
+        "zen_woq auto + compile=\"layers\", a second process (the row above's caches)", "w4a16-rtn", "auto+compile+layers"
     ),
     "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
     "zen_woq-auto-compiled-int8-head": (
@@ -191,7 +197,8 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
         kernel, *extras = how.split("+")
         lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)
         wrapper = {"cpp_wrapper": False} if "py-wrapper" in extras else {}
-        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras, **wrapper)
+        compile = ("layers" if "layers" in extras else True) if "compile" in extras else False
+        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile=compile, **wrapper)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too
@@ -341,6 +348,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, 2048-token perplexity, no TTFT-512")
     parser.add_argument("--gptq", action="store_true", help="add W4A16 GPTQ rows (the checkpoint takes minutes to make once)")
     parser.add_argument("--warm-caches", action="store_true", help="use the usual Inductor cache instead of a fresh one per row")
+    parser.add_argument("--only", help="comma-separated engines to run, in this order (default: all)")
     parser.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
@@ -354,7 +362,12 @@ def main(argv=None) -> int:
 
     info = machine(args.threads)
     engines = [e for e in ENGINES if "gptq" not in e or args.gptq]
-    if info["zentorch"] != "supported":
+    if args.only:
+        engines = args.only.split(",")
+        unknown = sorted(set(engines) - set(ENGINES))
+        if unknown:
+            parser.error(f"--only: unknown engines {', '.join(unknown)}; known: {', '.join(ENGINES)}")
+    if info["zentorch"] != "supported" and "zen_woq-zentorch" in engines:
         engines.remove("zen_woq-zentorch")
         print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)
     variants = {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}

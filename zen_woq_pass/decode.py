@@ -22,14 +22,17 @@ speed (107.2 and 107.4 tokens/s, six alternating rounds in one process).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
-from zen_woq_pass import native
+from zen_woq_pass import layer_regions, native
 from zen_woq_pass.backend import zen_woq
+
+logger = logging.getLogger(__name__)
 
 
 STEP_INDUCTOR_CONFIG = {
@@ -38,6 +41,10 @@ STEP_INDUCTOR_CONFIG = {
     "aot_inductor.compile_wrapper_opt_level": "O0",
     "size_asserts": False,
 }
+
+
+# Inductor's C++ wrapper cannot call a region it compiled apart (torch 2.13)
+LAYERS_ONCE_INDUCTOR_CONFIG = {"size_asserts": False}
 
 
 def _step_inductor_config() -> dict:
@@ -50,9 +57,27 @@ def _step_inductor_config() -> dict:
     return {**STEP_INDUCTOR_CONFIG, "cpp.vec_isa_ok": True}
 
 
-def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
-    """Make ``model.generate`` decode through one ``backend="zen_woq"`` graph (in place)."""
-    backend = functools.partial(zen_woq, options={**_step_inductor_config(), **backend_options}, mode=mode)
+def _cannot_compile_layers_once(model: torch.nn.Module) -> str | None:
+    """Inductor (torch 2.13) lowers aten's int4 op with its group size as a tensor constant, which
+    a region it compiles apart then passes wrongly ("group size must be a scalar")."""
+    kernels = {getattr(m, "zen_woq_kernel", None) for m in model.modules()}
+    if any(getattr(kernel, "name", None) == "aten-int4" for kernel in kernels):
+        return "Inductor cannot compile aten-int4 layers apart"
+    return None
+
+
+def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None, layers_once: bool = False) -> None:
+    """Make ``model.generate`` decode through one ``backend="zen_woq"`` graph (in place).
+
+    The decoder layers are traced once (:mod:`zen_woq_pass.layer_regions`); ``layers_once``: Inductor
+    compiles them once too, and the step runs from its Python wrapper."""
+    reused = layer_regions.trace_layers_once(model)
+    logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
+    if layers_once and (reason := _cannot_compile_layers_once(model)):
+        logger.warning("zen_woq: compile='layers': %s; compiling the step as compile=True does", reason)
+        layers_once = False
+    inductor_config = LAYERS_ONCE_INDUCTOR_CONFIG if layers_once else _step_inductor_config()
+    backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
     skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -60,7 +85,12 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make
     # them graph inputs, which Inductor cannot take as such, and dynamo would trace it all twice.
     # The patch is made once: making it per call cost 117 us a step, entering it 5 us.
-    decode_step = torch._dynamo.config.patch(specialize_float=True)(compiled)
+    # Without ``layers_once`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
+    patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=not layers_once)(compiled)
+
+    def decode_step(*args, **kwargs):
+        layer_regions.keep_cache_shapes_static(kwargs.get("past_key_values"))
+        return patched(*args, **kwargs)
 
     config = CompileConfig(backend="zen_woq", dynamic=True)
     config._compile_all_devices = True  # transformers compiles on CPU only when asked so

@@ -32,7 +32,7 @@ def optimize(
     kernel: str = "auto",
     fuse: bool = True,
     lm_head: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     mode: str | None = None,
     **inductor_config,
 ) -> torch.nn.Module:
@@ -45,7 +45,9 @@ def optimize(
     prompt's many rows take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`).
     ``compile=True`` also compiles ``generate``'s decode step, once, as one ``backend="zen_woq"``
     graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
-    there 4.1x transformers for a first ``generate`` of 53 s, for long runs. ``fuse``: sibling
+    there 4.1x transformers for a first ``generate`` of 53 s, for long runs; dynamo traces one
+    decoder layer for all (:mod:`zen_woq_pass.layer_regions`). ``compile="layers"``: Inductor
+    compiles one layer for all too, for a faster first ``generate`` and a slower decode. ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
     the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
     Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in).
@@ -53,6 +55,10 @@ def optimize(
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
     """
+    if compile not in (False, True, "layers"):
+        raise ValueError(f"zen_woq: compile={compile!r} is not one of False, True, 'layers'")
+    if compile == "layers" and inductor_config.get("cpp_wrapper"):
+        raise ValueError("zen_woq: compile='layers' runs the step from Inductor's Python wrapper, so not cpp_wrapper=True")
     options = Options.from_user({"kernel": kernel, **inductor_config}, mode)
     if any(hasattr(module, "weight_packed") for module in model.modules()):
         keep_compressed(model)
@@ -66,5 +72,5 @@ def optimize(
     return_freed_heap()
     model.zen_woq_report = report
     if compile:
-        compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
+        compile_decode(model, {"kernel": kernel, **inductor_config}, mode, layers_once=compile == "layers")
     return model

@@ -52,8 +52,18 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             gm.graph.erase_node(node)
     gm.recompile()
     report_module.log(decisions)
-    calls = tuple(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-    return gm, Report(options.kernel, tuple(decisions), calls), tuple(sorted(folded)), tuple(used)
+    return gm, Report(options.kernel, tuple(decisions), _calls(gm)), tuple(sorted(folded)), tuple(used)
+
+
+def _calls(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The targets ``gm`` calls, in order; a nested compile region's, each time it is called."""
+    calls = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph:
+            calls += _calls(getattr(gm, node.args[0].target))
+        elif node.op == "call_function":
+            calls.append(str(node.target))
+    return tuple(calls)
 
 
 def _computing(weight: fx.Node) -> set[fx.Node]:

@@ -1,0 +1,105 @@
+"""``compile=True`` traces one decoder layer for all (``zen_woq_pass.layer_regions``): the tokens of
+the eager reference but for near-ties, the second layer stamped out from the first's trace, every
+layer's own KV cache slot written, layers that differ traced apart, and ``compile="layers"``
+(Inductor compiles the layer once, the step runs from Python) the same."""
+
+import pytest
+import torch
+from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
+from torch._dynamo.utils import compilation_time_metrics
+from torch._inductor.utils import run_and_get_code
+
+import zen_woq_pass
+from zen_woq_pass import layer_regions
+from zen_woq_pass.measure import greedy
+
+
+def _stamped_out_layers() -> int:
+    return len(compilation_time_metrics.get("invoke_subgraph_reuse_stamp_out", []))
+
+
+def _generate_counting_stamp_outs(model, ids):
+    before = _stamped_out_layers()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    return out, _stamped_out_layers() - before
+
+
+def test_the_second_layer_reuses_the_first_layers_trace_and_writes_its_own_cache(checkpoints):
+    path = checkpoints("llama_sym_g128")
+    ids = INPUT_IDS[:1]
+    reference = greedy(load_reference(path), ids, NEW_TOKENS)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=True)
+    assert [type(layer).__name__ for layer in model.model.layers] == ["RegionLlamaDecoderLayer"] * 2
+    torch._dynamo.reset()
+    out, stamped = _generate_counting_stamp_outs(model, ids)
+    assert stamped == 1  # two layers: one traced, one stamped out
+    assert_same_greedy(path, model, ids, out.sequences[:, ids.shape[1] :], reference)
+    slots = out.past_key_values.layers
+    assert [int(slot.cumulative_length) for slot in slots] == [ids.shape[1] + NEW_TOKENS - 1] * 2
+    written = ids.shape[1] + NEW_TOKENS - 1
+    assert all(bool(slot.keys[:, :, :written].abs().sum(-1).gt(0).all()) for slot in slots)
+    assert not torch.equal(slots[0].keys, slots[1].keys)  # each layer wrote its own slot
+
+
+def test_layers_alike_share_a_structure_and_layers_that_differ_do_not(checkpoints):
+    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False))
+    first, second = model.model.layers
+    assert layer_regions.decoder_layers(model) == [first, second]
+    assert layer_regions.structure(first) == layer_regions.structure(second)  # their layer_idx differs
+    second.self_attn.scaling = first.self_attn.scaling / 2
+    assert layer_regions.structure(first) != layer_regions.structure(second)
+    handle = first.mlp.register_forward_hook(lambda *args: None)
+    assert layer_regions.structure(first) is None  # a hook's effect cannot be compared
+    handle.remove()
+
+
+def test_a_layer_that_differs_is_traced_on_its_own(checkpoints):
+    path = checkpoints("llama_sym_g128")
+    ids = INPUT_IDS[:1]
+    reference = greedy(load_reference(path), ids, NEW_TOKENS)
+    model = load(path, keep=False)
+    model.model.layers[1].mlp.zen_woq_note = "not like layer 0"
+    zen_woq_pass.optimize(model, compile=True)
+    torch._dynamo.reset()
+    out, stamped = _generate_counting_stamp_outs(model, ids)
+    assert stamped == 0
+    assert_same_greedy(path, model, ids, out.sequences[:, ids.shape[1] :], reference)
+
+
+def test_compile_layers_compiles_the_layer_once_and_decodes_from_python(checkpoints):
+    kernel = "avx512-int4"
+    if kernel not in four_bit_kernels_here():
+        pytest.skip(f"{kernel} does not run on this CPU")
+    path = checkpoints("llama_sym_g128")
+    ids = INPUT_IDS[:1]
+    reference = greedy(load_reference(path), ids, NEW_TOKENS)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile="layers", kernel=kernel)
+    torch._dynamo.reset()
+    tokens, codes = run_and_get_code(greedy, model, ids, NEW_TOKENS)
+    assert_same_greedy(path, model, ids, tokens, reference)
+    [step] = zen_woq_pass.recent_reports()[-1:]
+    assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)  # 4 a layer, as inlined
+    assert step.count_calls("invoke_subgraph") == 0  # counted inside
+    assert codes and "subgraph_0(args)" in codes[0], codes[0][:2000]  # the layer's code, called per layer
+    assert "CppWrapperCodeCache" not in codes[0]
+
+
+def test_compile_layers_with_aten_int4_compiles_the_step_as_compile_true(checkpoints, caplog):
+    path = checkpoints("llama_sym_g128")
+    ids = INPUT_IDS[:1]
+    reference = greedy(load_reference(path), ids, NEW_TOKENS)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile="layers", kernel="aten-int4")
+    assert "Inductor cannot compile aten-int4 layers apart" in caplog.text
+    torch._dynamo.reset()
+    tokens, codes = run_and_get_code(greedy, model, ids, NEW_TOKENS)
+    assert_same_greedy(path, model, ids, tokens, reference)
+    assert codes and "CppWrapperCodeCache" in codes[0]
+
+
+def test_compile_takes_true_false_or_layers():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="compile='fast'"):
+        zen_woq_pass.optimize(model, compile="fast")
+    with pytest.raises(ValueError, match="cpp_wrapper"):
+        zen_woq_pass.optimize(model, compile="layers", cpp_wrapper=True)
