@@ -16,6 +16,7 @@ llama.cpp Q4_1 (the GGUF as shipped), and SmolLM2 W4A16 through ``zen_woq_pass.o
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import statistics
 import subprocess
@@ -68,7 +69,8 @@ def _engine(label: str, threads: int, new: int) -> None:
         decode = lambda: time_generation(model, prompt, new, runs=1).decode_tokens_per_s
     print(f"ready {time.perf_counter() - start:.1f} {note}", flush=True)
     for _ in sys.stdin:
-        print(decode(), flush=True)
+        rate = decode()  # None where the decode beat time_generation's timer floor
+        print("nan" if rate is None else rate, flush=True)
 
 
 def main(argv=None) -> int:
@@ -109,8 +111,10 @@ def main(argv=None) -> int:
     print("| engine | median tok/s | median ratio to llama.cpp | all turns |")
     print("|---|---|---|---|")
     for label, rates in speeds.items():
-        ratio = statistics.median(r / b for r, b in zip(rates, base))
-        print(f"| {label} | {statistics.median(rates):.1f} | x{ratio:.2f} | {' '.join(f'{r:.0f}' for r in rates)} |")
+        ratios = [r / b for r, b in zip(rates, base) if not (math.isnan(r) or math.isnan(b))]
+        timed = [r for r in rates if not math.isnan(r)]
+        median, ratio = (statistics.median(v) if v else math.nan for v in (timed, ratios))
+        print(f"| {label} | {median:.1f} | x{ratio:.2f} | {' '.join(f'{r:.0f}' for r in rates)} |")
     return 0
 
 

@@ -21,6 +21,7 @@ Python (the README has what each gave).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
@@ -128,6 +129,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max(candidates, key=len, default=[])
 
 
+def _returns_a_tensor(cls: type) -> bool:
+    """A region must return tensors (else dynamo raises at compile time); transformers 5's decoder
+    layers say they return one."""
+    return inspect.signature(cls.forward).return_annotation in (torch.Tensor, "torch.Tensor")
+
+
 def trace_layers_once(model: torch.nn.Module) -> int:
     """Make the model's decoder layers share one trace under compile (in place). Returns how many
     layers reuse another's trace."""
@@ -135,7 +142,7 @@ def trace_layers_once(model: torch.nn.Module) -> int:
     keys = {}
     for layer in layers:
         key = structure(layer)
-        if key is None or isinstance(layer, RegionForward):
+        if key is None or isinstance(layer, RegionForward) or not _returns_a_tensor(type(layer)):
             continue
         layer.zen_woq_layer_idx, layer.zen_woq_structure = _layer_index(layer), key
         layer.__class__ = _region_class(type(layer))
