@@ -35,26 +35,26 @@ from zen_woq_pass.backend import zen_woq
 logger = logging.getLogger(__name__)
 
 
-STEP_INDUCTOR_CONFIG = {
+# The C++ wrapper, built apart at -O0 (above). Not for ``compile="layers"``: it cannot call a
+# region Inductor compiled apart (torch 2.13).
+CPP_WRAPPER_CONFIG = {
     "cpp_wrapper": True,
     "cpp_wrapper_build_separate": True,
     "aot_inductor.compile_wrapper_opt_level": "O0",
-    "size_asserts": False,
 }
+STEP_INDUCTOR_CONFIG = {**CPP_WRAPPER_CONFIG, "size_asserts": False}
 
 
-# Inductor's C++ wrapper cannot call a region it compiled apart (torch 2.13)
-LAYERS_ONCE_INDUCTOR_CONFIG = {"size_asserts": False}
-
-
-def _step_inductor_config() -> dict:
-    """``STEP_INDUCTOR_CONFIG``, and no compiler probe that the package's own build already made."""
-    if native.unavailable_reason() is not None:
-        return STEP_INDUCTOR_CONFIG
-    # Inductor builds ATen's vector headers once per instruction set the CPU has, to see that the
-    # compiler can (4 builds, about 7 s of a cold first generate on the Xeon). The same compiler
-    # built our AVX512-BF16 library. Its light probes (AMX, BF16 instructions) still run.
-    return {**STEP_INDUCTOR_CONFIG, "cpp.vec_isa_ok": True}
+def _step_inductor_config(cpp_wrapper: bool = True) -> dict:
+    """``STEP_INDUCTOR_CONFIG`` (less the C++ wrapper's keys without it), and no compiler probe
+    that the package's own build already made."""
+    config = {k: v for k, v in STEP_INDUCTOR_CONFIG.items() if cpp_wrapper or k not in CPP_WRAPPER_CONFIG}
+    if native.unavailable_reason() is None:
+        # Inductor builds ATen's vector headers once per instruction set the CPU has, to see that the
+        # compiler can (4 builds, about 7 s of a cold first generate on the Xeon). The same compiler
+        # built our AVX512-BF16 library. Its light probes (AMX, BF16 instructions) still run.
+        config["cpp.vec_isa_ok"] = True
+    return config
 
 
 def _cannot_compile_layers_once(model: torch.nn.Module) -> str | None:
@@ -76,7 +76,7 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     if layers_once and (reason := _cannot_compile_layers_once(model)):
         logger.warning("zen_woq: compile='layers': %s; compiling the step as compile=True does", reason)
         layers_once = False
-    inductor_config = LAYERS_ONCE_INDUCTOR_CONFIG if layers_once else _step_inductor_config()
+    inductor_config = _step_inductor_config(cpp_wrapper=not layers_once)
     backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.

@@ -48,7 +48,7 @@ def optimize(
     there 5.4x transformers' decode for a first ``generate`` of 42 s, 8 s in a second process
     (README), for long runs; dynamo traces one decoder layer for all
     (:mod:`zen_woq_pass.layer_regions`). ``compile="layers"``: Inductor compiles one layer for
-    all too (28 s), the step then run from Python (decode within 4 %). ``fuse``: sibling
+    all too (22 s), the step then run from Python (decode within 4 %). ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
     the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
     Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in).
