@@ -14,6 +14,7 @@ SmolLM2: the W4A16 variants are re-quantizations of an already 4-bit model, meas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -134,6 +135,7 @@ def calibration_texts(tokenizer, samples: int = CALIBRATION_SAMPLES, tokens: int
 
 def _quantize(dense: Path, out: Path, algorithm: str, symmetric: bool) -> None:
     """llmcompressor's ``oneshot`` on the dense checkpoint: W4A16, group 64, lm_head left dense."""
+    _import_llmcompressor_logging_to_stderr()
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoTokenizer
@@ -157,6 +159,14 @@ def _quantize(dense: Path, out: Path, algorithm: str, symmetric: bool) -> None:
     log.info("quantizing %s: %s, %s, group %d", dense.name, algorithm, kind, GROUP_SIZE)
     oneshot(model=str(dense), recipe=recipe, output_dir=str(out), **calibration)
     tokenizer.save_pretrained(out)
+
+
+def _import_llmcompressor_logging_to_stderr() -> None:
+    """llmcompressor's logger writes to ``sys.stdout`` as it is when llmcompressor is first
+    imported, where ``zen-woq run`` prints its answer and ``zen-woq make-model`` the path: a
+    first run's making logs to stderr instead."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import llmcompressor  # noqa: F401
 
 
 def main(argv=None) -> int:
