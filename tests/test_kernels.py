@@ -14,6 +14,13 @@ from zen_woq_pass.kernels.zentorch import ZentorchKernel
 from zen_woq_pass.layer import QuantizedWeights
 
 
+def _runnable_here(kernel):
+    """Skip a kernel this CPU cannot run; load the one it can (avx512-int4's library)."""
+    reason = kernel.platform_reason(forced=True)
+    if reason is not None:
+        pytest.skip(f"{kernel.name}: {reason}")
+
+
 def _layer_and_weights(n, k, group_size, zero_point, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     groups = k // group_size
@@ -31,6 +38,7 @@ def _layer_and_weights(n, k, group_size, zero_point, bias, seed=0):
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("kernel", CHAIN, ids=lambda k: k.name)
 def test_kernel_matches_fp32_reference(kernel, n, k, group_size, zero_point, bias, rows):
+    _runnable_here(kernel)
     layer, weights, b = _layer_and_weights(n, k, group_size, zero_point, bias)
     assert kernel.layer_reason(layer) is None
     constants = kernel.pack(layer, weights)
@@ -42,6 +50,7 @@ def test_kernel_matches_fp32_reference(kernel, n, k, group_size, zero_point, bia
 @pytest.mark.parametrize("kernel", CHAIN, ids=lambda k: k.name)
 @pytest.mark.parametrize("group_size", [256, 512])  # channel-wise; a group size aten-int4 re-expresses
 def test_large_groups_and_3d_activations(kernel, group_size):
+    _runnable_here(kernel)
     layer, weights, b = _layer_and_weights(64, 512, group_size, True, True)
     x = torch.randn(2, 3, 512).to(torch.bfloat16)
     exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
@@ -81,3 +90,17 @@ def test_self_check_passes_the_real_kernel():
     layer, weights, b = _layer_and_weights(64, 256, 64, True, True, seed=4)
     kernel = ZentorchKernel()
     assert selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b) is None
+
+
+def test_zentorch_is_right_on_weights_packed_after_others_were_dropped():
+    """ZenDNN caches a weight's reordered copy under its address: a weight packed where a dropped
+    one was must not run on the dropped one's copy (a model deleted, a kernel that lost a layer)."""
+    kernel = ZentorchKernel()
+    _runnable_here(kernel)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for seed in range(24):
+        layer, weights, _ = _layer_and_weights(576, 576, 64, seed % 2 == 1, False, seed=seed)
+        exact = ct_format.dequantize(weights.q, weights.scale.float(), weights.zero_point)
+        constants = kernel.pack(layer, weights)
+        assert numerics.worst_excess(kernel.run(x, constants, None), x, exact, None) <= 1.0, f"weights {seed}"
+        del constants

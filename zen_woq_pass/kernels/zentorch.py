@@ -6,6 +6,12 @@ value per byte) to int32 [N, K/8] and passed transposed; scales [G, N]; activati
 Symmetric weights go in signed ([-8, 7], no zero point). With a zero point, weights and zero
 points both go in unsigned ([0, 15]): +8 on both leaves q - zp unchanged; signed weights with a
 signed zero point give wrong results.
+
+ZenDNN keeps each weight's reordered copy under the weight's address, for weights that live as
+long as the process (vLLM's do). Ours go when a model goes or when another kernel wins the layer;
+a later weight at a freed address then ran on the old weight's copy: wrong results in about half
+of the test processes on a Zen 4 (2026-11-27). So no packed weight takes an address that an
+earlier one had (``_at_a_new_address``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,20 @@ from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
 UNSIGNED_OFFSET = 8
+
+# The address of every weight this process packed for zentorch.
+_weight_addresses: set[int] = set()
+
+
+def _at_a_new_address(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, or a copy of it at an address no earlier packed weight had: while it lands on
+    one, the copy is made again with the one before still held, so the allocator gives another."""
+    held = []
+    while weight.data_ptr() in _weight_addresses:
+        held.append(weight)
+        weight = weight.clone()
+    _weight_addresses.add(weight.data_ptr())
+    return weight
 
 
 class ZentorchKernel(Kernel):
@@ -44,7 +64,7 @@ class ZentorchKernel(Kernel):
         if zero_point is not None:
             q = q.to(torch.int32) + UNSIGNED_OFFSET
             zero_point = (zero_point.to(torch.int32) + UNSIGNED_OFFSET).to(torch.int8).t().contiguous()
-        repacked = platform.zentorch_ops().zentorch_woq_repack_weight(q.to(torch.int8).contiguous())
+        repacked = _at_a_new_address(platform.zentorch_ops().zentorch_woq_repack_weight(q.to(torch.int8).contiguous()))
         constants = {"weight": repacked.t(), "scales": weights.scale.t().contiguous()}
         if zero_point is not None:
             constants["zero_points"] = zero_point
