@@ -32,6 +32,7 @@ def test_generate_decodes_through_one_graph_for_every_length(checkpoints):
     # 2 decoder layers: q/k/v fused, o, gate/up fused, down; the weights were unpacked once, before
     assert sum(step.count_calls(call) for call in KERNEL_CALLS.values()) == 8, "\n".join(step.graph_calls)
     assert step.count_calls("rshift") == 0 and step.count_calls("bitwise") == 0
+    assert step.count_calls("scaled_dot_product") == 0, "\n".join(step.graph_calls)  # one query's attention as math
 
     def new_lengths():
         for length, new in ((5, 3), (12, 40), (23, 7)):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
-from zen_woq_pass import layer_regions, native
+from zen_woq_pass import decode_attention, layer_regions, native
 from zen_woq_pass.backend import zen_woq
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
 
     The decoder layers are traced once (:mod:`zen_woq_pass.layer_regions`); ``layers_once``: Inductor
     compiles them once too, and the step runs from its Python wrapper."""
+    if decode_attention.use_for_decode(model):
+        logger.info("zen_woq: decode step: one query's attention as tensor math (%s), prompts on sdpa", decode_attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
     if layers_once and (reason := _cannot_compile_layers_once(model)):
