@@ -29,6 +29,8 @@ def test_one_query_equals_sdpa_within_bf16_rounding():
     assert weights is None and mine.shape == theirs.shape == (2, 1, 9, 64)
     # one bf16 rounding of outputs below 2 in magnitude: 2**-8 relative, 2**-7 absolute
     assert (mine.float() - theirs.float()).abs().max() <= 2**-7
+    shared, _ = decode_attention.attention(MODULE, q, k, v, mask[:1], scaling=0.125)  # one mask for the batch
+    assert (shared[1].float() - sdpa_attention_forward(MODULE, q, k, v, mask[:1], scaling=0.125)[0][1].float()).abs().max() <= 2**-7
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,13 @@ NAME = "zen_woq_sdpa"
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: query [B, H, q, D], key and value [B, Hkv, L, D], a
-    boolean mask [B, 1, q, L] (True: attend); returns [B, q, H, D] and no weights."""
+    boolean mask [B or 1, 1, q, L] (True: attend); returns [B, q, H, D] and no weights."""
     if (
         query.shape[2] != 1
         or module.training
         or attention_mask is None
         or attention_mask.dtype != torch.bool
+        or attention_mask.shape[1] != 1
         or kwargs.get("softcap") is not None
         or kwargs.get("s_aux") is not None
     ):
@@ -38,7 +39,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     scale = scaling if scaling is not None else size**-0.5
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, size).float()  # each kv head's queries
     scores = grouped @ key.float().transpose(-1, -2) * scale  # [B, Hkv, groups, L]
-    scores = scores.masked_fill(~attention_mask.reshape(batch, 1, 1, -1), float("-inf"))
+    scores = scores.masked_fill(~attention_mask, float("-inf"))  # [B, 1, 1, L] on every head
     output = torch.softmax(scores, dim=-1) @ value.float()  # [B, Hkv, groups, D]
     return output.reshape(batch, 1, heads, size).to(query.dtype), None
 
