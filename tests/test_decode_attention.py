@@ -45,6 +45,14 @@ def test_the_rest_is_sdpa_itself(queries, change):
     if change.get("no_mask"):
         mask = None
     extra = {"softcap": change["softcap"]} if "softcap" in change else {}
-    mine, _ = decode_attention.attention(module, q, k, v, mask, scaling=0.125, **extra)
-    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125, **extra)
-    assert torch.equal(mine, theirs)
+    mine = _outcome(decode_attention.attention, module, q, k, v, mask, scaling=0.125, **extra)
+    theirs = _outcome(sdpa_attention_forward, module, q, k, v, mask, scaling=0.125, **extra)
+    assert torch.equal(mine, theirs) if isinstance(theirs, torch.Tensor) else mine == theirs
+
+
+def _outcome(attention, *args, **kwargs):
+    """The output, or the error: transformers 5.23's sdpa refuses soft-capping, 5.17's ignores it."""
+    try:
+        return attention(*args, **kwargs)[0]
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
