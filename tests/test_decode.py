@@ -1,7 +1,8 @@
 """``optimize(compile=True)``: ``generate`` decodes through one compiled graph (static cache, dynamic
 length) and prefills eagerly. The same greedy tokens as the eager reference but for near-ties,
 every 4-bit call of the step in that graph with no unpack, no recompile for new prompt lengths or
-longer generations, the head's ``mv`` one opaque op in compiled code, and each 4-bit kernel driven
+longer generations, the head's ``mv`` one opaque op in compiled code, and each 4-bit kernel in the
+step: in a layer Inductor compiled once, or (aten-int4, or ``cpp_wrapper=True``) in one graph driven
 from Inductor's C++ wrapper."""
 
 import pytest
@@ -131,17 +132,20 @@ def test_in_place_writes_nobody_reads_survive_inside_nested_compile_regions():
     assert all(cache.sum() == 3 * cache[2, 0] for cache in caches)
 
 
-@pytest.mark.parametrize("kernel", ["zentorch", "avx512-int4", "aten-int4"])
-def test_each_4_bit_kernel_decodes_through_the_cpp_wrapper(checkpoints, kernel):
+@pytest.mark.parametrize("kernel,cpp_wrapper", [("zentorch", None), ("avx512-int4", None), ("aten-int4", None), ("avx512-int4", True)])
+def test_each_4_bit_kernel_decodes_in_the_compiled_step(checkpoints, kernel, cpp_wrapper):
     if kernel == "avx512-int4" and native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
     path = checkpoints("qwen2_asym_bias")  # zero points and biases reach the kernel
     reference = greedy(load_reference(path), INPUT_IDS[:1], NEW_TOKENS)
-    model = zen_woq_pass.optimize(load(path, keep=False), compile=True, kernel=kernel)
+    wrapper = {} if cpp_wrapper is None else {"cpp_wrapper": cpp_wrapper}
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=True, kernel=kernel, **wrapper)
     torch._dynamo.reset()  # a fresh compile, not a code cache hit, so that its code is seen
     tokens, codes = run_and_get_code(greedy, model, INPUT_IDS[:1], NEW_TOKENS)
     assert_same_greedy(path, model, INPUT_IDS[:1], tokens, reference)
     [step] = zen_woq_pass.recent_reports()[-1:]
     assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)
-    assert codes and all("CppWrapperCodeCache" in code for code in codes), codes[0][:2000]  # C++ calls the kernels
-    assert not any("assert_size_stride" in code for code in codes)  # dynamo's guards check the inputs
+    one_graph = kernel == "aten-int4" or cpp_wrapper is True
+    assert codes and all(("CppWrapperCodeCache" in code) == one_graph for code in codes), codes[0][:2000]
+    assert all(("subgraph_0(args)" in code) != one_graph for code in codes)  # the layer's code, called per layer
+    assert not any("assert_size_stride(" in code for code in codes)  # dynamo's guards check the inputs

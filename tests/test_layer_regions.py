@@ -1,7 +1,9 @@
 """``compile=True`` traces one decoder layer for all (``zen_woq_pass.layer_regions``): the tokens of
 the eager reference but for near-ties, the second layer stamped out from the first's trace, every
-layer's own KV cache slot written, layers that differ traced apart, and ``compile="layers"``
-(Inductor compiles the layer once, the step runs from Python) the same."""
+layer's own KV cache slot written, layers that differ traced apart; Inductor compiles the layer once
+and the step calls it from Python, but for aten-int4 layers (one graph, from C++)."""
+
+import logging
 
 import pytest
 import torch
@@ -82,30 +84,33 @@ def test_a_layer_that_differs_is_traced_on_its_own(checkpoints):
     assert_same_greedy(path, model, ids, out.sequences[:, ids.shape[1] :], reference)
 
 
-def test_compile_layers_compiles_the_layer_once_and_decodes_from_python(checkpoints):
+@pytest.mark.parametrize("compile", [True, "layers"])
+def test_inductor_compiles_the_layer_once_and_the_step_calls_it_from_python(checkpoints, compile):
     kernel = "avx512-int4"
     if kernel not in four_bit_kernels_here():
         pytest.skip(f"{kernel} does not run on this CPU")
     path = checkpoints("llama_sym_g128")
     ids = INPUT_IDS[:1]
     reference = greedy(load_reference(path), ids, NEW_TOKENS)
-    model = zen_woq_pass.optimize(load(path, keep=False), compile="layers", kernel=kernel)
+    model = zen_woq_pass.optimize(load(path, keep=False), compile=compile, kernel=kernel)
     torch._dynamo.reset()
     tokens, codes = run_and_get_code(greedy, model, ids, NEW_TOKENS)
     assert_same_greedy(path, model, ids, tokens, reference)
     [step] = zen_woq_pass.recent_reports()[-1:]
     assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)  # 4 a layer, as inlined
     assert step.count_calls("invoke_subgraph") == 0  # counted inside
-    assert codes and "subgraph_0(args)" in codes[0], codes[0][:2000]  # the layer's code, called per layer
+    assert len(codes) == 1 and codes[0].count("subgraph_0(args)") == 1, codes[0][:2000]  # the layer's code, once
+    assert codes[0].count("subgraph_0_args)") == 2  # called per layer
     assert "CppWrapperCodeCache" not in codes[0]
 
 
-def test_compile_layers_with_aten_int4_compiles_the_step_as_compile_true(checkpoints, caplog):
+def test_aten_int4_layers_compile_the_step_as_one_graph(checkpoints, caplog):
     path = checkpoints("llama_sym_g128")
     ids = INPUT_IDS[:1]
     reference = greedy(load_reference(path), ids, NEW_TOKENS)
-    model = zen_woq_pass.optimize(load(path, keep=False), compile="layers", kernel="aten-int4")
-    assert "Inductor cannot compile aten-int4 layers apart" in caplog.text
+    with caplog.at_level(logging.INFO, logger="zen_woq_pass.decode"):
+        model = zen_woq_pass.optimize(load(path, keep=False), compile=True, kernel="aten-int4")
+    assert "compiled as one graph, called from C++ (Inductor cannot compile aten-int4 layers apart)" in caplog.text
     torch._dynamo.reset()
     tokens, codes = run_and_get_code(greedy, model, ids, NEW_TOKENS)
     assert_same_greedy(path, model, ids, tokens, reference)

@@ -1,4 +1,4 @@
-"""The decode step of ``generate`` compiled as one graph: a static KV cache, prefill left eager.
+"""The decode step of ``generate`` compiled: a static KV cache, prefill left eager.
 
 Why: an eager decode step is about 3 000 aten calls driven from Python, which on SmolLM2-135M cost
 about as much as its 4-bit kernels. Compiling the whole forward with transformers' default dynamic
@@ -9,14 +9,16 @@ shape, so one graph; its cache length is dynamic, so a longer ``generate`` (a bi
 reuses it. Prefill, one call per ``generate`` with many tokens, stays eager on the kernels and costs
 no compile; so does a plain ``model(...)``.
 
-The step's Inductor code drives its kernels from C++ (``cpp_wrapper``), not from Python: on
-SmolLM2-135M (an Intel Xeon, 2 threads, six alternating rounds in one process) that decoded at a
-median 100 tokens/s against 89. Its wrapper is built apart from the kernels
-(``cpp_wrapper_build_separate``), so the two compile at the same time: a cold first ``generate``
-took 68 s, against 71 s with the Python wrapper and 138 s built as one file. A user's own setting
-of either wins. The wrapper is compiled at -O0 and without Inductor's size asserts (dynamo's guards
-check the inputs): built at -O1 it took 10 s of a cold compile, at -O0 4 s, for the same decode
-speed (107.2 and 107.4 tokens/s, six alternating rounds in one process).
+Dynamo traces one decoder layer for all (:mod:`zen_woq_pass.layer_regions`), and Inductor compiles
+it once too: the step calls the layer's code once per layer, from Inductor's Python wrapper. On
+SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 19-20 s this way against 45-47 s
+for the step compiled whole (Inductor's lowering, scheduling and C++ code generation, once per
+layer), and decoded as fast (README). Two cases compile the step as one graph, driven from
+Inductor's C++ wrapper (which cannot call a region compiled apart, torch 2.13): a user's
+``cpp_wrapper=True``, and aten-int4 layers (below). That wrapper is built apart from the kernels
+(``cpp_wrapper_build_separate``), so the two compile at the same time, at -O0 and without
+Inductor's size asserts (dynamo's guards check the inputs): at -O1 it took 10 s of a cold compile,
+at -O0 4 s, for the same decode speed.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ from zen_woq_pass.backend import zen_woq
 logger = logging.getLogger(__name__)
 
 
-# The C++ wrapper, built apart at -O0 (above). Not for ``compile="layers"``: it cannot call a
-# region Inductor compiled apart (torch 2.13).
+# The C++ wrapper, built apart at -O0, for a step compiled as one graph (above).
 CPP_WRAPPER_CONFIG = {
     "cpp_wrapper": True,
     "cpp_wrapper_build_separate": True,
@@ -57,27 +58,31 @@ def _step_inductor_config(cpp_wrapper: bool = True) -> dict:
     return config
 
 
-def _cannot_compile_layers_once(model: torch.nn.Module) -> str | None:
-    """Inductor (torch 2.13) lowers aten's int4 op with its group size as a tensor constant, which
-    a region it compiles apart then passes wrongly ("group size must be a scalar")."""
+def one_graph_reason(model: torch.nn.Module, backend_options: dict) -> str | None:
+    """Why the step must be compiled as one graph, or None (its layers compiled once)."""
+    if backend_options.get("cpp_wrapper"):
+        return "cpp_wrapper=True: the C++ wrapper cannot call a layer compiled apart"
     kernels = {getattr(m, "zen_woq_kernel", None) for m in model.modules()}
     if any(getattr(kernel, "name", None) == "aten-int4" for kernel in kernels):
+        # Inductor (torch 2.13) lowers aten's int4 op with its group size as a tensor constant,
+        # which a region it compiles apart then passes wrongly ("group size must be a scalar").
         return "Inductor cannot compile aten-int4 layers apart"
     return None
 
 
-def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None, layers_once: bool = False) -> None:
-    """Make ``model.generate`` decode through one ``backend="zen_woq"`` graph (in place).
-
-    The decoder layers are traced once (:mod:`zen_woq_pass.layer_regions`); ``layers_once``: Inductor
-    compiles them once too, and the step runs from its Python wrapper."""
+def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
+    """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
+    layers compiled once, or the step as one graph where :func:`one_graph_reason` says so."""
     if decode_attention.use_for_decode(model):
         logger.info("zen_woq: decode step: one query's attention as tensor math (%s), prompts on sdpa", decode_attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
-    if layers_once and (reason := _cannot_compile_layers_once(model)):
-        logger.warning("zen_woq: compile='layers': %s; compiling the step as compile=True does", reason)
-        layers_once = False
+    reason = one_graph_reason(model, backend_options)
+    layers_once = reason is None
+    if layers_once:
+        logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
+    else:
+        logger.info("zen_woq: decode step: compiled as one graph, called from C++ (%s)", reason)
     inductor_config = _step_inductor_config(cpp_wrapper=not layers_once)
     backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway

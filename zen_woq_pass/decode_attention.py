@@ -37,10 +37,13 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     batch, heads, _, size = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else size**-0.5
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, size).float()  # each kv head's queries
-    scores = grouped @ key.float().transpose(-1, -2) * scale  # [B, Hkv, groups, L]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, size).float()  # each kv head's queries
+    # Products summed, not matmuls: Inductor fuses them with the cache's cast, the mask and the
+    # softmax into one loop over the cache (a matmul is a call to ATen apart, on an fp32 copy).
+    scores = (grouped * key.unsqueeze(2).float()).sum(-1) * scale  # [B, Hkv, groups, L]
     scores = scores.masked_fill(~attention_mask, float("-inf"))  # [B, 1, 1, L] on every head
-    output = torch.softmax(scores, dim=-1) @ value.float()  # [B, Hkv, groups, D]
+    weights = torch.softmax(scores, dim=-1).unsqueeze(-1)  # [B, Hkv, groups, L, 1]
+    output = (weights * value.unsqueeze(2).float()).sum(-2)  # [B, Hkv, groups, D]
     return output.reshape(batch, 1, heads, size).to(query.dtype), None
 
 

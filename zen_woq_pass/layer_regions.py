@@ -12,10 +12,10 @@ region's hash says instead when two layers trace alike: the same classes, non-te
 tensor shapes and dtypes in every submodule, the layer index left out (:func:`structure`). Any
 object it does not know (a hook, a per-layer helper) makes a layer its own.
 
-By default dynamo inlines the regions back into one graph once traced: Inductor compiles the step as
-before and drives it from its C++ wrapper. ``compile="layers"`` keeps them, so that Inductor also
-compiles one layer once, for all; its C++ wrapper cannot call such a region, so the step runs from
-Python (the README has what each gave).
+Dynamo keeps the regions in the graph, so that Inductor also compiles one layer once, for all; its
+C++ wrapper cannot call such a region, so the step runs from Python. Where the step must be one graph
+(:func:`zen_woq_pass.decode.one_graph_reason`), dynamo inlines them back once traced, and Inductor
+compiles every layer (the README has what each gave).
 """
 
 from __future__ import annotations

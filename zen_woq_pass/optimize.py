@@ -43,12 +43,12 @@ def optimize(
     SmolLM2-135M that was 2.4x transformers' decode speed with a first ``generate`` of 1.8 s (README,
     an Intel Xeon); a
     prompt's many rows take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`).
-    ``compile=True`` also compiles ``generate``'s decode step, once, as one ``backend="zen_woq"``
-    graph (:mod:`zen_woq_pass.decode`: a static KV cache, prefill and plain forwards stay eager):
-    there 5.4x transformers' decode for a first ``generate`` of 42 s, 8 s in a second process
-    (README), for long runs; dynamo traces one decoder layer for all
-    (:mod:`zen_woq_pass.layer_regions`). ``compile="layers"``: Inductor compiles one layer for
-    all too (22 s), the step then run from Python (decode within 4 %). ``fuse``: sibling
+    ``compile=True`` also compiles ``generate``'s decode step, once (:mod:`zen_woq_pass.decode`:
+    a static KV cache, prefill and plain forwards stay eager): dynamo traces one decoder layer for
+    all and Inductor compiles it once (:mod:`zen_woq_pass.layer_regions`); there x1.1 llama.cpp's
+    decode for a cold first ``generate`` of 20 s (README, a Zen 4), for long runs.
+    ``compile="layers"`` is the same (its name from when it was opt-in); ``cpp_wrapper=True``
+    compiles the step as one graph driven from C++, for twice the compile time. ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
     the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
     Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in).
@@ -59,7 +59,7 @@ def optimize(
     if compile not in (False, True, "layers"):
         raise ValueError(f"zen_woq: compile={compile!r} is not one of False, True, 'layers'")
     if compile == "layers" and inductor_config.get("cpp_wrapper"):
-        raise ValueError("zen_woq: compile='layers' runs the step from Inductor's Python wrapper, so not cpp_wrapper=True")
+        raise ValueError("zen_woq: compile='layers' calls the layers from Inductor's Python wrapper, so not cpp_wrapper=True")
     options = Options.from_user({"kernel": kernel, **inductor_config}, mode)
     if any(hasattr(module, "weight_packed") for module in model.modules()):
         keep_compressed(model)
@@ -73,5 +73,5 @@ def optimize(
     return_freed_heap()
     model.zen_woq_report = report
     if compile:
-        compile_decode(model, {"kernel": kernel, **inductor_config}, mode, layers_once=compile == "layers")
+        compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
     return model
