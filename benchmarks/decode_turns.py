@@ -9,8 +9,9 @@ minute, while the others wait idle on a pipe. The table gives each engine's medi
 ratio to llama.cpp Q4_1 over the turns. (All in one process, llama.cpp's and torch's threads and
 four models' weights got in each other's way: every engine ran 20-40 % slower.) Engines:
 llama.cpp Q4_1 (the GGUF as shipped), and SmolLM2 W4A16 through ``zen_woq_pass.optimize`` with
-``compile=True`` (the default C++ wrapper, and the Python one for the lever's worth), the opt-in
-``compile="layers"`` and int8 head, and the eager default. Speed only: quality is ``vs_llamacpp.py``'s.
+``compile=True`` (each layer compiled once; and the step as one graph from Inductor's C++ wrapper,
+``cpp_wrapper=True``, for the lever's worth), the opt-in int8 head, and the eager default. Speed
+only: quality is ``vs_llamacpp.py``'s.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from zen_woq_pass.measure import greedy, time_generation
 # label -> optimize's keywords
 ZEN_WOQ = {
     "zen_woq compile=True": {"compile": True},
-    "zen_woq compile=True, Python wrapper": {"compile": True, "cpp_wrapper": False},
-    "zen_woq compile=\"layers\" (opt-in)": {"compile": "layers"},
+    "zen_woq compile=True, cpp_wrapper=True (one graph)": {"compile": True, "cpp_wrapper": True},
     "zen_woq compile=True + lm_head=int8 (opt-in)": {"compile": True, "lm_head": "int8"},
     "zen_woq eager (default)": {},
 }

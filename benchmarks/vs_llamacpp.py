@@ -33,7 +33,7 @@ from pathlib import Path
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
-# kernel with "+"-joined extras: "compile", "layers", "int4-head", "int8-head", "py-wrapper"); an engine named
+# kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "cpp-wrapper"); an engine named
 # "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
@@ -46,18 +46,14 @@ ENGINES = {
     "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
     "zen_woq-auto-int4-head": ("zen_woq auto + lm_head=\"int4\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+int4-head"),
-    "zen_woq-auto-compiled": ("zen_woq auto + compile=True (decode step), W4A16 RTN", "w4a16-rtn", "auto+compile"),
+    "zen_woq-auto-compiled": (
+        "zen_woq auto + compile=True (decode step, each layer compiled once), W4A16 RTN", "w4a16-rtn", "auto+compile"
+    ),
     "zen_woq-auto-compiled-warm": (
         "zen_woq auto + compile=True, a second process (the row above's caches)", "w4a16-rtn", "auto+compile"
     ),
-    "zen_woq-auto-compiled-py-wrapper": (
-        "zen_woq auto + compile=True, Python wrapper (cpp_wrapper=False)", "w4a16-rtn", "auto+compile+py-wrapper"
-    ),
-    "zen_woq-auto-compiled-layers": (
-        "zen_woq auto + compile=\"layers\" (opt-in: Inductor compiles one layer for all), W4A16 RTN", "w4a16-rtn", "auto+compile+layers"
-    ),
-    "zen_woq-auto-compiled-layers-warm": (
-        "zen_woq auto + compile=\"layers\", a second process (the row above's caches)", "w4a16-rtn", "auto+compile+layers"
+    "zen_woq-auto-compiled-one-graph": (
+        "zen_woq auto + compile=True, cpp_wrapper=True (the step as one graph, from C++)", "w4a16-rtn", "auto+compile+cpp-wrapper"
     ),
     "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
     "zen_woq-auto-compiled-int8-head": (
@@ -196,9 +192,8 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     elif how is not None:
         kernel, *extras = how.split("+")
         lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)
-        wrapper = {"cpp_wrapper": False} if "py-wrapper" in extras else {}
-        compile = ("layers" if "layers" in extras else True) if "compile" in extras else False
-        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile=compile, **wrapper)
+        wrapper = {"cpp_wrapper": True} if "cpp-wrapper" in extras else {}
+        zen_woq_pass.optimize(model, kernel=kernel, lm_head=lm_head, compile="compile" in extras, **wrapper)
     row = {"load s": time.perf_counter() - start}
     prompt, new = ids[:, :PROMPT], setup["new_tokens"]
     row["first generate s"] = _seconds(lambda: greedy(model, prompt, new))  # decompression or compilation too
