@@ -11,7 +11,7 @@ no compile; so does a plain ``model(...)``.
 
 Dynamo traces one decoder layer for all (:mod:`zen_woq_pass.layer_regions`), and Inductor compiles
 it once too: the step calls the layer's code once per layer, from Inductor's Python wrapper. On
-SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 19-20 s this way against 45-47 s
+SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 18-20 s this way against 45-47 s
 for the step compiled whole (Inductor's lowering, scheduling and C++ code generation, once per
 layer), and decoded as fast (README). Two cases compile the step as one graph, driven from
 Inductor's C++ wrapper (which cannot call a region compiled apart, torch 2.13): a user's

@@ -45,8 +45,8 @@ def optimize(
     prompt's many rows take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`).
     ``compile=True`` also compiles ``generate``'s decode step, once (:mod:`zen_woq_pass.decode`:
     a static KV cache, prefill and plain forwards stay eager): dynamo traces one decoder layer for
-    all and Inductor compiles it once (:mod:`zen_woq_pass.layer_regions`); there x1.1 llama.cpp's
-    decode for a cold first ``generate`` of 20 s (README, a Zen 4), for long runs.
+    all and Inductor compiles it once (:mod:`zen_woq_pass.layer_regions`); there x1.2 llama.cpp's
+    decode for a cold first ``generate`` of 18 s, 8 s in a second process (README, a Zen 4).
     ``compile="layers"`` is the same (its name from when it was opt-in); ``cpp_wrapper=True``
     compiles the step as one graph driven from C++, for twice the compile time. ``fuse``: sibling
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
