@@ -3,10 +3,10 @@
 Why: in the compiled decode step of SmolLM2-135M (a Zen 4, 2 threads) transformers' sdpa attention
 called ATen's CPU flash-attention kernel once per layer, about 95 us for one query over a
 100-slot static cache: 2.8 ms of a 10 ms step. Written as products summed, a mask and a softmax,
-one query's attention becomes one of Inductor's own C++ loops over the cache. Several queries (a prompt), training,
-and what this math does not cover (no mask, soft-capping, attention sinks, a float mask) keep
-transformers' sdpa. Scores, softmax and the weighted sum run in fp32, as the flash kernel
-accumulates.
+one query's attention becomes one of Inductor's own C++ loops over the cache. Several queries (a
+prompt), training, and what this math does not cover (no mask, soft-capping, attention sinks, a
+float mask) keep transformers' sdpa. Scores, softmax and the weighted sum run in fp32, as the
+flash kernel accumulates.
 """
 
 from __future__ import annotations
