@@ -2,8 +2,8 @@
 length) and prefills eagerly. The same greedy tokens as the eager reference but for near-ties,
 every 4-bit call of the step in that graph with no unpack, no recompile for new prompt lengths or
 longer generations, the head's ``mv`` one opaque op in compiled code, and each 4-bit kernel in the
-step: in a layer Inductor compiled once, or (aten-int4, or ``cpp_wrapper=True``) in one graph driven
-from Inductor's C++ wrapper."""
+step: in a layer Inductor compiled once, or (``cpp_wrapper=True``) in one graph driven from
+Inductor's C++ wrapper."""
 
 import pytest
 import torch
@@ -132,7 +132,9 @@ def test_in_place_writes_nobody_reads_survive_inside_nested_compile_regions():
     assert all(cache.sum() == 3 * cache[2, 0] for cache in caches)
 
 
-@pytest.mark.parametrize("kernel,cpp_wrapper", [("zentorch", None), ("avx512-int4", None), ("aten-int4", None), ("avx512-int4", True)])
+@pytest.mark.parametrize(
+    "kernel,cpp_wrapper", [("zentorch", None), ("avx512-int4", None), ("aten-int4", None), ("avx512-int4", True), ("aten-int4", True)]
+)
 def test_each_4_bit_kernel_decodes_in_the_compiled_step(checkpoints, kernel, cpp_wrapper):
     if kernel == "avx512-int4" and native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
@@ -145,7 +147,7 @@ def test_each_4_bit_kernel_decodes_in_the_compiled_step(checkpoints, kernel, cpp
     assert_same_greedy(path, model, INPUT_IDS[:1], tokens, reference)
     [step] = zen_woq_pass.recent_reports()[-1:]
     assert step.count_calls(KERNEL_CALLS[kernel]) == 8, "\n".join(step.graph_calls)
-    one_graph = kernel == "aten-int4" or cpp_wrapper is True
+    one_graph = cpp_wrapper is True
     assert codes and all(("CppWrapperCodeCache" in code) == one_graph for code in codes), codes[0][:2000]
     assert all(("subgraph_0(args)" in code) != one_graph for code in codes)  # the layer's code, called per layer
     assert not any("assert_size_stride(" in code for code in codes)  # dynamo's guards check the inputs

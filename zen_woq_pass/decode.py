@@ -13,9 +13,9 @@ Dynamo traces one decoder layer for all (:mod:`zen_woq_pass.layer_regions`), and
 it once too: the step calls the layer's code once per layer, from Inductor's Python wrapper. On
 SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 18-20 s this way against 45-47 s
 for the step compiled whole (Inductor's lowering, scheduling and C++ code generation, once per
-layer), and decoded as fast (README). Two cases compile the step as one graph, driven from
-Inductor's C++ wrapper (which cannot call a region compiled apart, torch 2.13): a user's
-``cpp_wrapper=True``, and aten-int4 layers (below). That wrapper is built apart from the kernels
+layer), and decoded as fast (README). A user's ``cpp_wrapper=True`` compiles the step as one
+graph, driven from Inductor's C++ wrapper, which cannot call a region compiled apart (torch 2.13).
+That wrapper is built apart from the kernels
 (``cpp_wrapper_build_separate``), so the two compile at the same time, at -O0 and without
 Inductor's size asserts (dynamo's guards check the inputs): at -O1 it took 10 s of a cold compile,
 at -O0 4 s, for the same decode speed.
@@ -33,6 +33,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from zen_woq_pass import decode_attention, layer_regions, native
 from zen_woq_pass.backend import zen_woq
+from zen_woq_pass.kernels import int4pack
 
 logger = logging.getLogger(__name__)
 
@@ -58,33 +59,27 @@ def _step_inductor_config(cpp_wrapper: bool = True) -> dict:
     return config
 
 
-def one_graph_reason(model: torch.nn.Module, backend_options: dict) -> str | None:
-    """Why the step must be compiled as one graph, or None (its layers compiled once)."""
-    if backend_options.get("cpp_wrapper"):
-        return "cpp_wrapper=True: the C++ wrapper cannot call a layer compiled apart"
-    kernels = {getattr(m, "zen_woq_kernel", None) for m in model.modules()}
-    if any(getattr(kernel, "name", None) == "aten-int4" for kernel in kernels):
-        # Inductor (torch 2.13) lowers aten's int4 op with its group size as a tensor constant,
-        # which a region it compiles apart then passes wrongly ("group size must be a scalar").
-        return "Inductor cannot compile aten-int4 layers apart"
-    return None
+def _compiling_layers_apart(gm, example_inputs, **kwargs):
+    """The backend, for a step whose decoder layers Inductor compiles apart."""
+    with int4pack.called_as_is_by_inductor():
+        return zen_woq(gm, example_inputs, **kwargs)
 
 
 def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
     """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
-    layers compiled once, or the step as one graph where :func:`one_graph_reason` says so."""
+    layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
     if decode_attention.use_for_decode(model):
         logger.info("zen_woq: decode step: one query's attention as tensor math (%s), prompts on sdpa", decode_attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
-    reason = one_graph_reason(model, backend_options)
-    layers_once = reason is None
+    layers_once = not backend_options.get("cpp_wrapper")
     if layers_once:
         logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
     else:
-        logger.info("zen_woq: decode step: compiled as one graph, called from C++ (%s)", reason)
+        logger.info("zen_woq: decode step: cpp_wrapper=True: compiled as one graph, called from C++")
     inductor_config = _step_inductor_config(cpp_wrapper=not layers_once)
-    backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
+    compiler = _compiling_layers_apart if layers_once else zen_woq
+    backend = functools.partial(compiler, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
     skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

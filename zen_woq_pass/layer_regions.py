@@ -13,9 +13,8 @@ tensor shapes and dtypes in every submodule, the layer index left out (:func:`st
 object it does not know (a hook, a per-layer helper) makes a layer its own.
 
 Dynamo keeps the regions in the graph, so that Inductor also compiles one layer once, for all; its
-C++ wrapper cannot call such a region, so the step runs from Python. Where the step must be one graph
-(:func:`zen_woq_pass.decode.one_graph_reason`), dynamo inlines them back once traced, and Inductor
-compiles every layer (the README has what each gave).
+C++ wrapper cannot call such a region, so the step runs from Python. With ``cpp_wrapper=True`` dynamo
+inlines them back once traced, and Inductor compiles every layer (the README has what each gave).
 """
 
 from __future__ import annotations

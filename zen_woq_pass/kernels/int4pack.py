@@ -12,7 +12,10 @@ finer allowed size by repeating its scales, which is exact.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch._inductor import lowering
 
 from zen_woq_pass import eligibility, prefill
 from zen_woq_pass.kernels import int4pack_layout
@@ -26,6 +29,26 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def kernel_group_size(group_size: int) -> int | None:
     """The largest group size the kernel takes that divides ``group_size``."""
     return next((g for g in GROUP_SIZES if group_size % g == 0), None)
+
+
+@contextlib.contextmanager
+def called_as_is_by_inductor():
+    """While compiling a decoder layer apart: aten's int4 op an opaque call with its int group size.
+
+    Inductor (torch 2.13) lowers the op with its group size as a tensor constant, which a region it
+    compiles apart then passes wrongly ("group size must be a scalar"). Called as is, as Inductor
+    calls an op it has no lowering for, the compiled layer decoded SmolLM2 as fast as the step
+    compiled whole, for half its cold compile (Zen 4). Inductor's own lowering is back after."""
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+    own = lowering.lowerings.get(op)
+    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    try:
+        yield
+    finally:
+        if own is None:
+            del lowering.lowerings[op]
+        else:
+            lowering.lowerings[op] = own
 
 
 def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None, by_rows: bool = False):
