@@ -15,10 +15,10 @@ SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 18-20 s this wa
 for the step compiled whole (Inductor's lowering, scheduling and C++ code generation, once per
 layer), and decoded as fast (README). A user's ``cpp_wrapper=True`` compiles the step as one
 graph, driven from Inductor's C++ wrapper, which cannot call a region compiled apart (torch 2.13).
-That wrapper is built apart from the kernels
-(``cpp_wrapper_build_separate``), so the two compile at the same time, at -O0 and without
-Inductor's size asserts (dynamo's guards check the inputs): at -O1 it took 10 s of a cold compile,
-at -O0 4 s, for the same decode speed.
+That wrapper is built apart from the kernels (``cpp_wrapper_build_separate``), so the two compile
+at the same time, and at -O0: at -O1 it took 10 s of a cold compile, at -O0 4 s, for the same
+decode speed. Either way the step has no size asserts of Inductor's: dynamo's guards check the
+inputs.
 """
 
 from __future__ import annotations
@@ -44,13 +44,12 @@ CPP_WRAPPER_CONFIG = {
     "cpp_wrapper_build_separate": True,
     "aot_inductor.compile_wrapper_opt_level": "O0",
 }
-STEP_INDUCTOR_CONFIG = {**CPP_WRAPPER_CONFIG, "size_asserts": False}
 
 
-def _step_inductor_config(cpp_wrapper: bool = True) -> dict:
-    """``STEP_INDUCTOR_CONFIG`` (less the C++ wrapper's keys without it), and no compiler probe
-    that the package's own build already made."""
-    config = {k: v for k, v in STEP_INDUCTOR_CONFIG.items() if cpp_wrapper or k not in CPP_WRAPPER_CONFIG}
+def _step_inductor_config(one_graph: bool) -> dict:
+    """No size asserts, ``CPP_WRAPPER_CONFIG`` for ``one_graph``, and no compiler probe that the
+    package's own build already made."""
+    config = {"size_asserts": False, **(CPP_WRAPPER_CONFIG if one_graph else {})}
     if native.unavailable_reason() is None:
         # Inductor builds ATen's vector headers once per instruction set the CPU has, to see that the
         # compiler can (4 builds, about 7 s of a cold first generate on the Xeon). The same compiler
@@ -72,13 +71,13 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
         logger.info("zen_woq: decode step: one query's attention as tensor math (%s), prompts on sdpa", decode_attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
-    layers_once = not backend_options.get("cpp_wrapper")
-    if layers_once:
-        logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
-    else:
+    one_graph = bool(backend_options.get("cpp_wrapper"))
+    if one_graph:
         logger.info("zen_woq: decode step: cpp_wrapper=True: compiled as one graph, called from C++")
-    inductor_config = _step_inductor_config(cpp_wrapper=not layers_once)
-    compiler = _compiling_layers_apart if layers_once else zen_woq
+    else:
+        logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
+    inductor_config = _step_inductor_config(one_graph)
+    compiler = zen_woq if one_graph else _compiling_layers_apart
     backend = functools.partial(compiler, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
@@ -87,8 +86,8 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make
     # them graph inputs, which Inductor cannot take as such, and dynamo would trace it all twice.
     # The patch is made once: making it per call cost 117 us a step, entering it 5 us.
-    # Without ``layers_once`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
-    patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=not layers_once)(compiled)
+    # For ``one_graph`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
+    patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=one_graph)(compiled)
 
     def decode_step(*args, **kwargs):
         layer_regions.keep_cache_shapes_static(kwargs.get("past_key_values"))
