@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_eligibility import GOOD
 
-from zen_woq_pass import ct_format, numerics, platform, selfcheck
+from zen_woq_pass import ct_format, numerics, selfcheck
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.kernels import zentorch
 from zen_woq_pass.kernels.zentorch import ZentorchKernel
 from zen_woq_pass.layer import QuantizedWeights
 
@@ -65,8 +66,7 @@ class SignedZeroPointKernel(ZentorchKernel):
     name = "zentorch-signed-zp"
 
     def pack(self, layer, weights):
-        repacked = platform.zentorch_ops().zentorch_woq_repack_weight(weights.q.contiguous())
-        return {"weight": repacked.t(), "scales": weights.scale.t().contiguous(), "zero_points": weights.zero_point.t().contiguous()}
+        return {"weight": zentorch.repack(weights.q).t(), "scales": weights.scale.t().contiguous(), "zero_points": weights.zero_point.t().contiguous()}
 
 
 class TransposedScaleKernel(ZentorchKernel):

@@ -11,7 +11,7 @@ ZenDNN keeps each weight's reordered copy under the weight's address, for weight
 long as the process (vLLM's do). Ours go when a model goes or when another kernel wins the layer;
 a later weight at a freed address then ran on the old weight's copy: wrong results in about half
 of the test processes on a Zen 4 (2026-11-27). So no packed weight takes an address that an
-earlier one had (``_at_a_new_address``).
+earlier one had (``repack``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def _at_a_new_address(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def repack(q: torch.Tensor) -> torch.Tensor:
+    """zentorch's int32 [N, K/8] repack of int4 values held one a byte in ``q`` [N, K], at an
+    address no earlier packed weight had. Every zentorch weight, a test's too, is made here: one
+    made elsewhere could land where a later one goes and lend it its cached copy."""
+    return _at_a_new_address(platform.zentorch_ops().zentorch_woq_repack_weight(q.to(torch.int8).contiguous()))
+
+
 class ZentorchKernel(Kernel):
     name = "zentorch"
 
@@ -64,8 +71,7 @@ class ZentorchKernel(Kernel):
         if zero_point is not None:
             q = q.to(torch.int32) + UNSIGNED_OFFSET
             zero_point = (zero_point.to(torch.int32) + UNSIGNED_OFFSET).to(torch.int8).t().contiguous()
-        repacked = _at_a_new_address(platform.zentorch_ops().zentorch_woq_repack_weight(q.to(torch.int8).contiguous()))
-        constants = {"weight": repacked.t(), "scales": weights.scale.t().contiguous()}
+        constants = {"weight": repack(q).t(), "scales": weights.scale.t().contiguous()}
         if zero_point is not None:
             constants["zero_points"] = zero_point
         return constants
