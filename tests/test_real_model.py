@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zen_woq_pass
-from zen_woq_pass import measure, platform, prefill, quality, smollm2
+from zen_woq_pass import huge_pages, measure, platform, prefill, quality, smollm2
 
 pytestmark = [
     pytest.mark.needs_llmcompressor,
@@ -95,6 +95,8 @@ def _check(variant, kernel, inductor, rows):
     model = zen_woq_pass.optimize(_load(ref.path), kernel=kernel)
     kernels = set(model.zen_woq_report.by_kernel())
     assert (kernels == {kernel}) if kernel != "auto" else (kernels <= {"zentorch", "aten-int4"})
+    if huge_pages.unavailable_reason() is None:  # the numbers below come from weights on 2 MB pages
+        assert "are on 2 MB pages" in model.zen_woq_report.pages, model.zen_woq_report.pages
     ppl, top1, kld = ref.measures(ref.logits_of(model))
     i_ppl, i_top1, i_kld = inductor
     print(

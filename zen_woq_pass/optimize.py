@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from zen_woq_pass import gemv
-from zen_woq_pass.convert import convert
+from zen_woq_pass import gemv, huge_pages
+from zen_woq_pass.convert import KernelForward, convert
 from zen_woq_pass.decode import compile_decode
 from zen_woq_pass.head import quantize_head
 from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
@@ -70,8 +70,23 @@ def optimize(
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
+    report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)))
+    logger.info("zen_woq: %s", report.pages)
     return_freed_heap()
     model.zen_woq_report = report
     if compile:
         compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
     return model
+
+
+def _streamed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What a decode step reads once per token: the kernels' constants (not zentorch's, see
+    :mod:`zen_woq_pass.huge_pages`) and the weights of dense Linears computed by ``torch.mv``."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, KernelForward) and module.zen_woq_kernel.name == "zentorch":
+            continue
+        if isinstance(module, gemv.GemvForward):
+            tensors.append(module.weight)
+        tensors += [tensor for name, tensor in module.named_buffers(recurse=False) if name.startswith("zen_woq_")]
+    return tensors

@@ -46,6 +46,7 @@ class Report:
     layers: tuple[LayerDecision, ...]
     graph_calls: tuple[str, ...] = ()  # the targets the rewritten graph calls, in order (empty for a model's report)
     dense_layers: tuple[str, ...] = ()  # what optimize chose for the layers left unquantized (the lm_head)
+    pages: str = ""  # where optimize put the weights a decode step streams (zen_woq_pass.huge_pages)
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -93,15 +94,13 @@ class Report:
         lines = [f"zen_woq report (kernel={self.kernel_option}): {len(self.layers)} quantized linear(s)"]
         for row in rows:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-        if self.memory_note:
-            lines.append(self.memory_note)
-        lines.extend(self.dense_layers)
+        lines.extend(line for line in (self.memory_note, self.pages, *self.dense_layers) if line)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<p>{html.escape(line)}</p>" for line in (self.memory_note, *self.dense_layers) if line)
+        note = "".join(f"<p>{html.escape(line)}</p>" for line in (self.memory_note, self.pages, *self.dense_layers) if line)
         return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>{note}"
 
 
