@@ -7,11 +7,12 @@ Symmetric weights go in signed ([-8, 7], no zero point). With a zero point, weig
 points both go in unsigned ([0, 15]): +8 on both leaves q - zp unchanged; signed weights with a
 signed zero point give wrong results.
 
-ZenDNN keeps each weight's reordered copy under the weight's address, for weights that live as
-long as the process (vLLM's do). Ours go when a model goes or when another kernel wins the layer;
-a later weight at a freed address then ran on the old weight's copy: wrong results in about half
-of the test processes on a Zen 4 (2026-11-27). So no packed weight takes an address that an
-earlier one had (``repack``).
+ZenDNN keeps each weight's reordered copy under the weight's address (with K, N, its leading
+dimension and transposition; not its scales, zero points or group size: ZenDNN's source, read),
+for weights that live as long as the process (vLLM's do). Ours go when a model goes or when
+another kernel wins the layer; a later weight at a freed address then ran on the old weight's
+copy: wrong results in about half of the test processes on a Zen 4 (2026-11-27). So no packed
+weight takes an address that an earlier one had (``repack``), and none is ever moved.
 """
 
 from __future__ import annotations
