@@ -83,3 +83,16 @@ def test_zentorch_weights_are_never_moved(checkpoints, kernel, monkeypatch):
     model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), kernel=kernel)
     flags = _mapping_of(model.model.layers[0].mlp.down_proj.zen_woq_weight)[1]
     assert ("hg" in flags) == (kernel != "zentorch" and huge_pages.unavailable_reason() is None)
+
+
+def test_a_mapping_the_os_refuses_leaves_the_tensors_where_they_are(monkeypatch):
+    class Refusing:
+        def __init__(self, *args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(huge_pages.mmap, "mmap", Refusing)
+    weight = torch.ones(3 << 20, dtype=torch.uint8)
+    pointer = weight.data_ptr()
+    note = huge_pages.move([weight])
+    assert weight.data_ptr() == pointer and "stay on 4 KB pages" in note and "Cannot allocate memory" in note, note

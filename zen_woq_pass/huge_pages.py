@@ -49,8 +49,11 @@ def move(tensors: list[torch.Tensor]) -> str:
     if reason:
         return f"pages: the {megabytes:.1f} MB of weights a decode step streams stay on 4 KB pages: {reason}"
     length = -(-(sum(sizes) + HUGE_PAGE) // HUGE_PAGE) * HUGE_PAGE  # + a page to align the start
-    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory has its own THP switch
-    mapping.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory has its own THP switch
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as error:  # the weights stay where they are, and work as well
+        return f"pages: the {megabytes:.1f} MB of weights a decode step streams stay on 4 KB pages: {error}"
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     offset = -address % HUGE_PAGE
     with torch.no_grad():
