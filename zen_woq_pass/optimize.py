@@ -2,7 +2,8 @@
 
 The life cycle a user should not have to know, in one place: keep the checkpoint compressed (stop
 transformers decompressing it), decide each layer's kernel once and hold its weights once
-(:mod:`zen_woq_pass.convert`), let go of the checkpoint file, and compile the forward. After it,
+(:mod:`zen_woq_pass.convert`), let go of the checkpoint file, put the weights a decode step
+streams on 2 MB pages (:mod:`zen_woq_pass.huge_pages`), and compile the forward. After it,
 plain ``model(...)`` and ``model.generate(...)`` run the fast path; ``model.zen_woq_report`` says
 what each layer runs and why. The name is the one ``ipex.llm.optimize`` and
 ``zentorch.llm.optimize`` users know.
