@@ -7,11 +7,14 @@ import pytest
 import torch
 from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 from torch._dynamo.utils import compilation_time_metrics
+from torch._inductor import config as inductor_config
 from torch._inductor import lowering
+from torch._inductor.codecache import compiled_fx_graph_hash
 from torch._inductor.utils import run_and_get_code
 
 import zen_woq_pass
 from zen_woq_pass import layer_regions
+from zen_woq_pass.kernels import int4pack
 from zen_woq_pass.measure import greedy
 
 
@@ -119,6 +122,20 @@ def test_aten_int4_layers_compile_once_and_inductor_keeps_its_own_lowering(check
     assert len(codes) == 1 and codes[0].count("subgraph_0(args)") == 1, codes[0][:2000]
     assert codes[0].count("aten._weight_int4pack_mm_for_cpu.default(") == 4  # in the layer's code, once each
     assert lowering.lowerings[op] is inductors_own
+
+
+def test_code_compiled_with_the_op_called_as_is_has_cache_keys_of_its_own():
+    """Inductor's cache keys do not see a swapped lowering; the marker pass makes them differ."""
+    graph = torch.fx.symbolic_trace(lambda x: x + 1)
+
+    def key():
+        return compiled_fx_graph_hash(graph, [torch.ones(2)], {}, [])[0]
+
+    plain = key()
+    with int4pack.called_as_is_by_inductor():
+        marked = key()
+    assert marked != plain and key() == plain
+    assert inductor_config.post_grad_custom_pre_pass is None
 
 
 def test_compile_takes_true_false_or_layers():

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._inductor import config as inductor_config
 from torch._inductor import lowering
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from zen_woq_pass import eligibility, prefill
 from zen_woq_pass.kernels import int4pack_layout
@@ -31,6 +33,18 @@ def kernel_group_size(group_size: int) -> int | None:
     return next((g for g in GROUP_SIZES if group_size % g == 0), None)
 
 
+class _CalledAsIs(CustomGraphPass):
+    """A pass that changes nothing: its ``uuid`` keeps code compiled with aten's int4 op called as
+    is apart from code compiled with Inductor's lowering in Inductor's caches, whose keys do not
+    see the swapped lowering itself."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        pass
+
+    def uuid(self) -> str:
+        return "zen_woq: aten._weight_int4pack_mm_for_cpu called as is, v1"
+
+
 @contextlib.contextmanager
 def called_as_is_by_inductor():
     """While compiling a decoder layer apart: aten's int4 op an opaque call with its int group size.
@@ -38,12 +52,15 @@ def called_as_is_by_inductor():
     Inductor (torch 2.13) lowers the op with its group size as a tensor constant, which a region it
     compiles apart then passes wrongly ("group size must be a scalar"). Called as is, as Inductor
     calls an op it has no lowering for, the compiled layer decoded SmolLM2 as fast as the step
-    compiled whole, for half its cold compile (Zen 4). Inductor's own lowering is back after."""
+    compiled whole, for half its cold compile (Zen 4). Inductor's own lowering is back after; what
+    was compiled meanwhile is cached under keys of its own (``_CalledAsIs``)."""
     op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     own = lowering.lowerings.get(op)
     lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    marked = inductor_config.post_grad_custom_pre_pass is None  # a user's own pass is left alone
     try:
-        yield
+        with inductor_config.patch(post_grad_custom_pre_pass=_CalledAsIs()) if marked else contextlib.nullcontext():
+            yield
     finally:
         if own is None:
             del lowering.lowerings[op]
