@@ -46,14 +46,15 @@ def move(tensors: list[torch.Tensor]) -> str:
     sizes = [-(-t.nbytes // ALIGNMENT) * ALIGNMENT for t in unique]
     megabytes = sum(t.nbytes for t in unique) / 1e6
     reason = unavailable_reason() or ("less than one 2 MB page of them" if sum(sizes) < MIN_BYTES else None)
-    if reason:
+    if reason is None:
+        length = -(-(sum(sizes) + HUGE_PAGE) // HUGE_PAGE) * HUGE_PAGE  # + a page to align the start
+        try:
+            mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory has its own THP switch
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as error:  # the weights stay where they are, and work as well
+            reason = str(error)
+    if reason is not None:
         return f"pages: the {megabytes:.1f} MB of weights a decode step streams stay on 4 KB pages: {reason}"
-    length = -(-(sum(sizes) + HUGE_PAGE) // HUGE_PAGE) * HUGE_PAGE  # + a page to align the start
-    try:
-        mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory has its own THP switch
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError as error:  # the weights stay where they are, and work as well
-        return f"pages: the {megabytes:.1f} MB of weights a decode step streams stay on 4 KB pages: {error}"
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     offset = -address % HUGE_PAGE
     with torch.no_grad():

@@ -81,11 +81,11 @@ def optimize(
 
 
 def _streamed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """What a decode step reads once per token: the kernels' constants (not zentorch's, see
-    :mod:`zen_woq_pass.huge_pages`) and the weights of dense Linears computed by ``torch.mv``."""
+    """What a decode step reads once per token: the kernels' constants (those a kernel lets move)
+    and the weights of dense Linears computed by ``torch.mv``."""
     tensors = []
     for module in model.modules():
-        if isinstance(module, KernelForward) and module.zen_woq_kernel.name == "zentorch":
+        if isinstance(module, KernelForward) and not module.zen_woq_kernel.constants_movable:
             continue
         if isinstance(module, gemv.GemvForward):
             tensors.append(module.weight)

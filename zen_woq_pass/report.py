@@ -69,6 +69,11 @@ class Report:
             note += f" ({len(densified)} layer(s) no 4-bit kernel takes are held dense, to run as fast as transformers)"
         return note
 
+    @property
+    def notes(self) -> list[str]:
+        """The lines under the table: memory, pages, the dense layers."""
+        return [line for line in (self.memory_note, self.pages, *self.dense_layers) if line]
+
     def rows(self) -> list[tuple[str, ...]]:
         def show(value):
             return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
@@ -94,13 +99,13 @@ class Report:
         lines = [f"zen_woq report (kernel={self.kernel_option}): {len(self.layers)} quantized linear(s)"]
         for row in rows:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-        lines.extend(line for line in (self.memory_note, self.pages, *self.dense_layers) if line)
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<p>{html.escape(line)}</p>" for line in (self.memory_note, self.pages, *self.dense_layers) if line)
+        note = "".join(f"<p>{html.escape(line)}</p>" for line in self.notes)
         return f"<p>zen_woq report (kernel={html.escape(self.kernel_option)})</p><table><tr>{head}</tr>{body}</table>{note}"
 
 

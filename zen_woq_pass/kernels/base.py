@@ -32,6 +32,8 @@ class Kernel(abc.ABC):
     target: Callable[..., Any]
     # the same call for a converted module's eager forward, where it may differ (None: ``target``)
     eager_target: Callable[..., Any] | None = None
+    # whether the constants may be copied elsewhere after packing (zen_woq_pass.huge_pages)
+    constants_movable: bool = True
 
     @abc.abstractmethod
     def arguments(self, x, constants: dict, bias) -> tuple:

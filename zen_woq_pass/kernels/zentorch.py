@@ -49,6 +49,7 @@ def repack(q: torch.Tensor) -> torch.Tensor:
 
 class ZentorchKernel(Kernel):
     name = "zentorch"
+    constants_movable = False  # ZenDNN's copy of a weight is found by the weight's address
 
     def platform_reason(self, forced: bool) -> str | None:
         """Forced, the CPU gate gives way only to ZenDNN's reference algorithm: on CPUs the gate
