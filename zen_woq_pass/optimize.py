@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from zen_woq_pass import gemv, huge_pages
+from zen_woq_pass import attention, gemv, huge_pages
 from zen_woq_pass.convert import KernelForward, convert
 from zen_woq_pass.decode import compile_decode
 from zen_woq_pass.head import quantize_head
@@ -73,6 +73,8 @@ def optimize(
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
     report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)))
     logger.info("zen_woq: %s", report.pages)
+    report = dataclasses.replace(report, attention=attention.use(model))
+    logger.info("zen_woq: %s", report.attention)
     return_freed_heap()
     model.zen_woq_report = report
     if compile:

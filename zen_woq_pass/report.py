@@ -47,6 +47,7 @@ class Report:
     graph_calls: tuple[str, ...] = ()  # the targets the rewritten graph calls, in order (empty for a model's report)
     dense_layers: tuple[str, ...] = ()  # what optimize chose for the layers left unquantized (the lm_head)
     pages: str = ""  # where optimize put the weights a decode step streams (zen_woq_pass.huge_pages)
+    attention: str = ""  # what computes the attention (zen_woq_pass.attention)
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -71,8 +72,8 @@ class Report:
 
     @property
     def notes(self) -> list[str]:
-        """The lines under the table: memory, pages, the dense layers."""
-        return [line for line in (self.memory_note, self.pages, *self.dense_layers) if line]
+        """The lines under the table: memory, pages, attention, the dense layers."""
+        return [line for line in (self.memory_note, self.pages, self.attention, *self.dense_layers) if line]
 
     def rows(self) -> list[tuple[str, ...]]:
         def show(value):
