@@ -84,21 +84,21 @@ def _race(kernel, dense, key) -> tuple[Choice, torch.Tensor]:
     kernel's answer serves the call). First one dense call untimed: in a fresh process it includes
     oneDNN making its GEMM for a new M and the allocator's first pages for the dequantized weights.
     Then rounds of one run each, at least two, more (up to ``MAX_ROUNDS``) while the two are
-    within ``CLEAR_MARGIN`` of each other and the race has cost under ``BUDGET_MS``: on SmolLM2 (a
-    Zen 4) two runs each, untaken turns and no warm-up let the slower kernel win a near-tie that
-    cost 80 ms of a 512-token prompt; on a big model a long prompt costs seconds a call."""
+    within ``CLEAR_MARGIN`` of each other and the race has cost under ``BUDGET_MS``. Before, each
+    path ran twice in a row with no warm-up: on SmolLM2 (a Zen 4) the slower kernel won near-ties
+    that cost 80 ms of a 512-token prompt. On a big model a long prompt costs seconds a call."""
     name, n, k, group_size, dtype, bucket = key
     shape = f"{name} {n}x{k} g{group_size} {str(dtype).removeprefix('torch.')}"
     dense()
     kernel_times, dense_times, spent = [], [], 0.0
-    for round in range(MAX_ROUNDS):
+    for turn in range(MAX_ROUNDS):
         kernel_ms, answer = _timed(kernel)
         dense_ms, dense_answer = _timed(dense)
         kernel_times.append(kernel_ms)
         dense_times.append(dense_ms)
         spent += kernel_ms + dense_ms
         fastest, slowest = sorted((min(kernel_times), min(dense_times)))
-        if round and (slowest > fastest * (1 + CLEAR_MARGIN) or spent > BUDGET_MS):
+        if turn and (slowest > fastest * (1 + CLEAR_MARGIN) or spent > BUDGET_MS):
             break
     sqnr = sqnr_db(dense_answer.float(), answer.float())
     kernel_ms, dense_ms = min(kernel_times), min(dense_times)
