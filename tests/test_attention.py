@@ -110,7 +110,7 @@ def test_the_kernel_reads_only_what_the_mask_allows():
 
 @pytest.mark.parametrize(
     "change",
-    ["float mask", "training", "softcap", "dropout", "fp32 inputs", "head size 72"],
+    ["float mask", "training", "softcap", "dropout", "fp32 inputs", "head size 72", "one mask row for all queries"],
 )
 def test_the_rest_is_sdpa_itself(kernel_on, change):
     q, k, v = _inputs(5, size=72 if change == "head size 72" else 64)
@@ -118,6 +118,8 @@ def test_the_rest_is_sdpa_itself(kernel_on, change):
     module = types.SimpleNamespace(**{**vars(MODULE), "training": change == "training"})
     if change == "float mask":
         mask = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+    if change == "one mask row for all queries":
+        mask = mask[..., :1, :]
     if change == "fp32 inputs":
         q, k, v = q.float(), k.float(), v.float()
     extra = {"softcap": 30.0} if change == "softcap" else {}

@@ -65,7 +65,16 @@ def _native_fits(query, key, value, attention_mask) -> bool:
         and size % 16 == 0
         and size <= 512
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
-        and (attention_mask is None or attention_mask.stride(-1) == 1)
+        and (attention_mask is None or _full_mask(attention_mask, query, key))
+    )
+
+
+def _full_mask(attention_mask, query, key) -> bool:
+    """[B or 1, 1, q, L], contiguous along the keys: what the kernel reads (no broadcast rows)."""
+    return (
+        attention_mask.shape[0] in (1, query.shape[0])
+        and attention_mask.shape[-2:] == (query.shape[2], key.shape[2])
+        and attention_mask.stride(-1) == 1
     )
 
 
