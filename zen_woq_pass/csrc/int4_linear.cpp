@@ -191,41 +191,50 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
 
 // The layer's weights in bf16, [N, K]: (code - zero) * scale rounded once, as compressed-tensors'
 // dequantization gives them (for many rows, a bf16 GEMM on these beats the kernel).
+// A step's two vectors interleaved by 32-bit lanes put each row's 8 codes side by side: 128-bit
+// lane L of the low interleave holds rows 4L and 4L + 1, of the high one 4L + 2 and 4L + 3; each
+// pair of rows becomes 16 bf16 and two 16-byte stores.
+template <int L, typename Store>
+inline void dequantize_lane(__m512i low, __m512i high, const __m512* scale, const __m512* zero, Store store) {
+  for (int h = 0; h < 2; ++h) {
+    const __m128i codes = _mm512_extracti32x4_epi32(h ? high : low, L);
+    const __m512 values = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), zero[2 * L + h]), scale[2 * L + h]);
+    store(4 * L + 2 * h, (__m256i)_mm512_cvtneps_pbh(values));
+  }
+}
+
 template <int BITS, typename Scale>
 void dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out, const Shape& S) {
   const uint8_t* wp = weight.const_data_ptr<uint8_t>();
   const Scale* sp = scales.const_data_ptr<Scale>();
   const uint8_t* zp = zeros.const_data_ptr<uint8_t>();
   bf16* op = out.mutable_data_ptr<bf16>();
-  // quarter i of a step's 64 bytes holds rows 4i..4i+3, 4 inputs each: lane l is row 4i + l / 4
-  __m512i lane_row[4];
-  for (int i = 0; i < 4; ++i) {
+  __m512i pick[8];  // lane l: row 4L + 2h + l / 8, for pair 2L + h
+  for (int i = 0; i < 8; ++i) {
     alignas(64) int32_t idx[16];
-    for (int l = 0; l < 16; ++l) idx[l] = 4 * i + l / 4;
-    lane_row[i] = _mm512_load_si512(idx);
+    for (int l = 0; l < 16; ++l) idx[l] = 2 * i + l / 8;
+    pick[i] = _mm512_load_si512(idx);
   }
   at::parallel_for(0, S.N / ROWS, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* block = wp + b * S.block_bytes();
+      const uint8_t* p = wp + b * S.block_bytes();
       bf16* rows = op + b * ROWS * S.K;
       for (int64_t g = 0; g < S.G; ++g) {
-        const __m512 scale = load16(sp + (b * S.G + g) * ROWS), zero = codes16(zp + (b * S.G + g) * ROWS);
-        for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP) {
-          __m512i halves[2];
-          step_codes<BITS>(block + k / STEP * S.step_bytes(), halves[0], halves[1]);
-          for (int nib = 0; nib < 2; ++nib) {  // inputs k..k+3, then k+4..k+7
-            alignas(64) uint8_t codes[64];
-            _mm512_store_si512(codes, halves[nib]);
-            for (int i = 0; i < 4; ++i) {
-              const __m128i quarter = _mm_load_si128((const __m128i*)(codes + 16 * i));
-              const __m512 values = _mm512_mul_ps(
-                  _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(quarter)), _mm512_permutexvar_ps(lane_row[i], zero)),
-                  _mm512_permutexvar_ps(lane_row[i], scale));
-              alignas(32) bf16 four_rows[16];
-              _mm256_store_si256((__m256i*)four_rows, (__m256i)_mm512_cvtneps_pbh(values));
-              for (int r = 0; r < 4; ++r) std::memcpy(rows + (4 * i + r) * S.K + k + 4 * nib, four_rows + 4 * r, 8);
-            }
-          }
+        const __m512 scale16 = load16(sp + (b * S.G + g) * ROWS), zero16 = codes16(zp + (b * S.G + g) * ROWS);
+        __m512 scale[8], zero[8];
+        for (int i = 0; i < 8; ++i) scale[i] = _mm512_permutexvar_ps(pick[i], scale16), zero[i] = _mm512_permutexvar_ps(pick[i], zero16);
+        for (int64_t k = g * S.group; k < (g + 1) * S.group; k += STEP, p += S.step_bytes()) {
+          __m512i first, second;
+          step_codes<BITS>(p, first, second);
+          const __m512i low = _mm512_unpacklo_epi32(first, second), high = _mm512_unpackhi_epi32(first, second);
+          auto store = [&](int row, __m256i pair) {  // rows row and row + 1, inputs k..k+7
+            _mm_storeu_si128((__m128i*)(rows + row * S.K + k), _mm256_castsi256_si128(pair));
+            _mm_storeu_si128((__m128i*)(rows + (row + 1) * S.K + k), _mm256_extracti128_si256(pair, 1));
+          };
+          dequantize_lane<0>(low, high, scale, zero, store);
+          dequantize_lane<1>(low, high, scale, zero, store);
+          dequantize_lane<2>(low, high, scale, zero, store);
+          dequantize_lane<3>(low, high, scale, zero, store);
         }
       }
     }
