@@ -26,7 +26,7 @@ from zen_woq_pass import native
 
 NAME = "zen_woq_sdpa"
 
-# Set once the package's kernels load in this process (``use``): read by the traced step as a constant.
+# Whether the package's kernels loaded in this process, set by ``use`` (the prompts' kernel is one of them).
 _native_kernel = False
 
 
