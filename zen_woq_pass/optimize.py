@@ -73,10 +73,8 @@ def optimize(
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
-    report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)))
-    logger.info("zen_woq: %s", report.pages)
-    report = dataclasses.replace(report, attention=attention.use(model))
-    logger.info("zen_woq: %s", report.attention)
+    report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)), attention=attention.use(model))
+    logger.info("zen_woq: %s; %s", report.pages, report.attention)
     return_freed_heap()
     model.zen_woq_report = report
     if compile:
