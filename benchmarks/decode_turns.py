@@ -61,12 +61,16 @@ def _engine(label: str, threads: int, new: int) -> None:
         note = "" if extra_bufts else "[extra buffer types off]"
         llm = llama(gguf, threads, 2048, extra_bufts=extra_bufts)
         llama_greedy(llm, ids, 8)
-        decode = lambda: llama_timing(llm, ids, new, runs=1)[1]
+
+        def decode():
+            return llama_timing(llm, ids, new, runs=1)[1]
     else:
         model = zen_woq_pass.optimize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), **ZEN_WOQ[label])
         prompt = torch.tensor([ids])
         greedy(model, prompt, 8)  # compiles where asked
-        decode = lambda: time_generation(model, prompt, new, runs=1).decode_tokens_per_s
+
+        def decode():
+            return time_generation(model, prompt, new, runs=1).decode_tokens_per_s
     print(f"ready {time.perf_counter() - start:.1f} {note}", flush=True)
     for _ in sys.stdin:
         rate = decode()  # None where the decode beat time_generation's timer floor

@@ -26,9 +26,8 @@ import torch
 
 import zen_woq_pass
 from zen_woq_pass import plan, platform
-from zen_woq_pass.testing import Recipe, make_checkpoint
 from zen_woq_pass.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
-
+from zen_woq_pass.testing import Recipe, make_checkpoint
 
 BOUND_ROUNDS = 7
 

@@ -107,8 +107,8 @@ def llama(path: str, threads: int, context: int, logits_all: bool = False, extra
 
 def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
     """Greedy, like ``measure.greedy``: prompt in one batch, then one token per eval."""
-    import numpy as np
     import llama_cpp
+    import numpy as np
 
     llm.reset()  # the next eval clears the KV cache from position 0
     llm.eval(prompt)

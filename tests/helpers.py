@@ -52,6 +52,24 @@ def optimized_down_proj(path, kernel):
     return model.model.layers[0].mlp.down_proj, decompressed.model.layers[0].mlp.down_proj.weight.detach()
 
 
+def assert_rows_follow_the_rule(layer, reference, kernel_call, dense_call, layer_sqnr_db):
+    """``layer`` (a converted Linear) on both sides of the prompt-row threshold: each call the path
+    the rule names for its rows (``kernel_call(x)`` or ``dense_call(x)``, x [M, K]) bit for bit, the
+    same bits on a first and a second call, within ``layer_sqnr_db`` of the fp32 ``reference``."""
+    from zen_woq_pass import prefill
+
+    threshold = prefill.dense_min_rows() or prefill.DENSE_MIN_ROWS
+    for rows in (1, threshold - 1, threshold, 200):
+        x = torch.randn(1, rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.no_grad():
+            first, second = layer(x), layer(x)
+            path = dense_call if prefill.takes_dense(rows) else kernel_call
+            expected = path(x[0])
+        assert torch.equal(first, second), f"{rows} rows: a second call computed other bits"
+        assert torch.equal(first[0], expected), f"{rows} rows: not the path the rule names ({path.__name__})"
+        assert sqnr_db(first.float(), x.float() @ reference.T) >= layer_sqnr_db
+
+
 def fp32_reference(path, input_ids=INPUT_IDS):
     """compressed-tensors' own decompression, run in fp32: the dequantized fp32 reference."""
     with torch.no_grad():

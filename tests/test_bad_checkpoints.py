@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
-from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, run_compiled
 from safetensors.torch import load_file, save_file
 
 from zen_woq_pass import ct_format
-from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.keep_compressed import keep_compressed
+from zen_woq_pass.probe import packed_linear
+
+from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
+from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, run_compiled
 
 LAYER = "model.layers.0.self_attn.q_proj"
 

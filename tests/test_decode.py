@@ -7,13 +7,15 @@ Inductor's C++ wrapper."""
 
 import pytest
 import torch
-from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, load, load_reference
 from torch._inductor.utils import run_and_get_code
 from transformers.generation.configuration_utils import CompileConfig
 
 import zen_woq_pass
 from zen_woq_pass import gemv, native
 from zen_woq_pass.measure import greedy
+
+from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, load, load_reference
+
 
 def _graphs_compiled_by(fn) -> list:
     before = len(zen_woq_pass.recent_reports())
@@ -34,6 +36,8 @@ def test_generate_decodes_through_one_graph_for_every_length(checkpoints):
     assert sum(step.count_calls(call) for call in KERNEL_CALLS.values()) == 8, "\n".join(step.graph_calls)
     assert step.count_calls("rshift") == 0 and step.count_calls("bitwise") == 0
     assert step.count_calls("scaled_dot_product") == 0, "\n".join(step.graph_calls)  # one query's attention as math
+    # its report lists the layers it calls, though optimize planned them before any graph
+    assert sorted(d.module_path for d in step.layers) == sorted(d.module_path for d in model.zen_woq_report.layers)
 
     def new_lengths():
         for length, new in ((5, 3), (12, 40), (23, 7)):

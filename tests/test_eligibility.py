@@ -9,6 +9,8 @@ from zen_woq_pass import eligibility
 from zen_woq_pass.kernels import KERNELS
 from zen_woq_pass.layer import FAKE_QUANT, PACKED, QuantizedLinear
 
+pytestmark = pytest.mark.library_independent
+
 GOOD = QuantizedLinear(
     module_path="model.layers.0.mlp.up_proj",
     out_features=512,

@@ -4,10 +4,11 @@ weights at 4 bits with no extra call."""
 
 import pytest
 import torch
-from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, load, load_reference
 
 import zen_woq_pass
 from zen_woq_pass.measure import greedy, linear_weight_bytes
+
+from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, load, load_reference
 
 
 def _compiled(path, kernel):

@@ -4,14 +4,15 @@ report says why."""
 
 import pytest
 import torch
-from conftest import MODEL_SQNR_DB
-from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load
 
 import zen_woq_pass
 from zen_woq_pass import ct_format, native
 from zen_woq_pass.head import round_to_int4, round_to_int8
 from zen_woq_pass.numerics import sqnr_db
 from zen_woq_pass.report import DEFAULT_PATH
+
+from conftest import MODEL_SQNR_DB
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load
 
 
 def test_rounding_is_within_half_a_step_but_at_the_clamped_ends():

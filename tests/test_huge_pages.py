@@ -7,11 +7,12 @@ import gc
 
 import pytest
 import torch
-from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 
 import zen_woq_pass
 from zen_woq_pass import huge_pages
 from zen_woq_pass.measure import greedy
+
+from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 
 needs_huge_pages = pytest.mark.skipif(huge_pages.unavailable_reason() is not None, reason=str(huge_pages.unavailable_reason()))
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import ZERO_POINTS_UNLOADABLE_REASON, zero_points_loadable
-from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load
 
 import zen_woq_pass
+
+from conftest import ZERO_POINTS_UNLOADABLE_REASON, zero_points_loadable
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load
 
 
 def test_eager_is_bit_exact_with_compressed_tensors_decompression(checkpoints):

@@ -6,13 +6,16 @@ import dataclasses
 
 import pytest
 import torch
-from test_eligibility import GOOD
 
 from zen_woq_pass import ct_format, numerics, selfcheck
-from zen_woq_pass.kernels import CHAIN
-from zen_woq_pass.kernels import zentorch
+from zen_woq_pass.kernels import CHAIN, zentorch
+from zen_woq_pass.kernels.dense import DenseKernel
 from zen_woq_pass.kernels.zentorch import ZentorchKernel
 from zen_woq_pass.layer import QuantizedWeights
+
+from test_eligibility import GOOD
+
+pytestmark = pytest.mark.library_independent
 
 
 def _runnable_here(kernel):
@@ -84,6 +87,32 @@ def test_self_check_rejects_a_kernel_that_computes_the_wrong_thing(wrong):
     kernel = wrong()
     reason = selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b)
     assert reason is not None and "self-check failed" in reason
+
+
+class RoundsActivationsKernel(DenseKernel):
+    """The dense kernel on x rounded per group of 64 as avx512-int4 rounded it before issue 26:
+    15-bit integers times a power of two just above the group's largest |x|."""
+
+    name = "dense-rounding-x"
+    rounds_activations = True
+
+    def run(self, x, constants, bias):
+        groups = x.float().unflatten(-1, (-1, 64))
+        exponent = torch.floor(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=1e-30))) + 1
+        step = torch.exp2(exponent - 14)
+        rounded = (torch.round(groups / step) * step).flatten(-2).to(x.dtype)
+        return super().run(rounded, constants, bias)
+
+
+def test_self_check_probes_outlier_activations_where_a_kernel_rounds_them():
+    layer, weights, b = _layer_and_weights(64, 256, 64, False, False, seed=5)
+    kernel = RoundsActivationsKernel()
+    reason = selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b)
+    assert reason is not None and "at M=2 " in reason  # randn rows pass; the outlier probe does not
+    selfcheck.clear()
+    kernel.rounds_activations = False  # without the probe the same kernel passes
+    assert selfcheck.self_check(kernel, layer, weights, kernel.pack(layer, weights), b) is None
+    selfcheck.clear()
 
 
 def test_self_check_passes_the_real_kernel():

@@ -9,7 +9,6 @@ import weakref
 
 import pytest
 import torch
-from helpers import FOUR_BIT_KERNELS, INPUT_IDS, KERNEL_CALLS, load
 from test_kernels import TransposedScaleKernel
 
 import zen_woq_pass
@@ -17,6 +16,8 @@ from zen_woq_pass import numerics, options, plan, platform, report, selfcheck
 from zen_woq_pass.kernels import DENSE, KERNELS
 from zen_woq_pass.measure import greedy, linear_weight_bytes
 from zen_woq_pass.probe import packed_linear
+
+from helpers import FOUR_BIT_KERNELS, INPUT_IDS, KERNEL_CALLS, load
 
 
 def _layer():
@@ -48,19 +49,59 @@ def test_a_kernel_refused_by_its_self_check_never_runs(monkeypatch):
         assert numerics.worst_excess(y, x, exact, bias) <= 1.0
 
 
-def test_deleting_the_model_frees_every_byte_the_backend_made():
+@pytest.mark.parametrize("backend", ["inductor", "zen_woq"])
+def test_deleting_the_model_frees_every_byte_without_a_dynamo_reset(backend):
+    """``del`` and a collection free the model's tensors and the constants the backend made, as
+    plain Inductor frees the module's tensors; dynamo's caches (kept until ``torch._dynamo.reset()``)
+    must not hold them. Two calls: the first compiles and converts the layer, the second recompiles
+    onto the converted module."""
     module = _layer()
+    compiled = torch.compile(module, backend=backend)
     with torch.no_grad():
-        torch.compile(module, backend="zen_woq")(torch.randn(2, 256).to(torch.bfloat16))
+        for rows in (2, 2):
+            compiled(torch.randn(rows, 256).to(torch.bfloat16))
+    tensors = [weakref.ref(t) for t in (*module.parameters(), *module.buffers())]
     constants = [weakref.ref(t) for name, t in module.named_buffers() if name.startswith("0.zen_woq_")]
-    assert constants and plan.held_bytes() > 0
+    assert bool(constants) == (backend == "zen_woq") and (plan.held_bytes() > 0) == (backend == "zen_woq")
     kept_report = zen_woq_pass.last_report()
-    del module
-    torch._dynamo.reset()
+    model = weakref.ref(module)
+    del module, compiled
     gc.collect()
-    assert all(ref() is None for ref in constants)
+    assert model() is None
+    assert [ref() is None for ref in tensors] == [True] * len(tensors)
     assert plan.held_bytes() == 0
-    assert not any(isinstance(v, torch.Tensor) for v in vars(kept_report).values())  # plain data
+    assert not any(isinstance(v, torch.Tensor) for v in vars(kept_report or report.Report("", ())).values())  # plain data
+
+
+def test_a_recompiled_graph_reports_the_layers_it_calls_though_an_earlier_graph_planned_them():
+    """The second graph (another input shape, dynamic=False) calls the kernel the first graph's
+    plan chose on the converted module: its report still lists that layer."""
+    module = _layer()
+    compiled = torch.compile(module, backend="zen_woq", dynamic=False)
+    reports = []
+    with torch.no_grad():
+        for rows in (2, 5):
+            compiled(torch.randn(rows, 256).to(torch.bfloat16))
+            reports.append(zen_woq_pass.last_report())
+    first, second = reports
+    assert second is not first
+    [decision] = first.layers
+    assert decision.kernel != report.DEFAULT_PATH, decision
+    assert second.layers == first.layers, second
+    assert not second.count_calls("rshift")  # the converted module's kernel, nothing unpacked
+    if decision.kernel in KERNEL_CALLS:
+        assert second.count_calls(KERNEL_CALLS[decision.kernel]) == 1, second.graph_calls
+
+
+def test_a_graph_compiled_after_optimize_reports_the_layers_it_calls(checkpoints):
+    """optimize converted the layers; the user's own torch.compile of the model then plans nothing
+    new, and its report must still say what runs."""
+    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False))
+    with torch.no_grad():
+        torch.compile(model, backend="zen_woq")(INPUT_IDS)
+    kernels = [decision.kernel for decision in zen_woq_pass.last_report().layers]
+    assert kernels == [decision.kernel for decision in model.zen_woq_report.layers if decision.kernel != report.DEFAULT_PATH]
+    assert len(kernels) >= 14 - 5  # fused: q/k/v and gate/up are one layer each
 
 
 def test_dynamo_reset_clears_every_cache_of_the_package():
@@ -103,6 +144,30 @@ def test_generate_through_transformers_compile_config(checkpoints):
     tokens = out[:, INPUT_IDS.shape[1]:]
     # a static cache attends over padding: other bf16 rounding, so near-tied random logits may part later
     assert tokens.shape == plain.shape and torch.equal(tokens[:, :2], plain[:, :2])
+
+
+def test_compile_config_on_a_kept_model_reports_every_graphs_layers_and_frees_them(checkpoints):
+    """transformers compiles the decode step with the plain backend (issue 26): the graph that plans
+    the layers, then the one dynamo recompiles onto the converted modules; each report lists the 14
+    layers, and deleting the model frees its tensors without ``torch._dynamo.reset()``."""
+    from transformers import CompileConfig
+
+    model = load(checkpoints("llama_sym_g128"))  # kept compressed: the first graph plans the layers
+    model.generation_config.compile_config = CompileConfig(backend="zen_woq")
+    model.generation_config.compile_config._compile_all_devices = True
+    before = len(zen_woq_pass.recent_reports())
+    with torch.no_grad():
+        model.generate(INPUT_IDS[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, cache_implementation="static")
+    reports = zen_woq_pass.recent_reports()[before:]
+    assert len(reports) >= 2, [r.graph_calls for r in reports]
+    assert [len(r.layers) for r in reports] == [14] * len(reports)
+    assert {d.kernel for r in reports for d in r.layers} <= FOUR_BIT_KERNELS
+    tensors = [weakref.ref(t) for t in (*model.parameters(), *model.buffers())]
+    del model
+    gc.collect()  # the dead weights drop the compiled code that folded them ...
+    gc.collect()  # ... and its reference cycles go in the next collection
+    assert sum(ref() is not None for ref in tensors) == 0
+    assert plan.held_bytes() == 0
 
 
 @pytest.mark.parametrize("state", ["fresh", "decompressed", "kept"])

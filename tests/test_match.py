@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from helpers import count
 
 import zen_woq_pass
 from zen_woq_pass import ct_format, numerics
 from zen_woq_pass.probe import packed_linear
+
+from helpers import count
 
 ARGS = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=64)
 

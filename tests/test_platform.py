@@ -1,9 +1,13 @@
 """The platform gate decides from CPU flags and from what zentorch registers."""
 
+import pytest
 import torch
-from conftest import ZEN3_CPU, ZEN4_CPU
 
 from zen_woq_pass import platform
+
+from conftest import ZEN3_CPU, ZEN4_CPU
+
+pytestmark = pytest.mark.library_independent
 
 
 def test_zen3_is_refused_with_the_missing_flags():

@@ -1,14 +1,15 @@
 """Prefill by rows: aten's int4 layout decoded exactly, the dense path computing the kernel's own
-weights, and a converted layer right on both sides of the threshold against the fp32 reference."""
+weights, and a converted layer on the path the rule names on both sides of the threshold, the same
+bits on every call, right against the fp32 reference."""
 
 import pytest
 import torch
-from conftest import LAYER_SQNR_DB
-from helpers import optimized_down_proj
 
-from zen_woq_pass import prefill
+from zen_woq_pass import platform, prefill
 from zen_woq_pass.kernels import int4pack_layout
-from zen_woq_pass.numerics import sqnr_db
+
+from conftest import LAYER_SQNR_DB, ZEN4_CPU
+from helpers import assert_rows_follow_the_rule, optimized_down_proj
 
 pytestmark = pytest.mark.skipif(
     not int4pack_layout.decoded_here(),
@@ -44,19 +45,34 @@ def test_dequantized_weights_are_the_kernels_own(group_size, zero_points):
     assert torch.equal(ours, kernels)
 
 
-def test_a_layer_is_right_on_both_sides_of_the_threshold(checkpoints):
+@pytest.fixture(params=["this CPU", "a CPU with bf16 GEMM hardware"])
+def cpu(request, monkeypatch):
+    """The rule as this CPU has it, and as a Zen 4 has it (its dense path is plain torch here)."""
+    if request.param != "this CPU":
+        monkeypatch.setattr(platform, "cpu_info", lambda: ZEN4_CPU)
+    prefill.clear()
+    yield request.param
+    monkeypatch.undo()
+    prefill.clear()
+
+
+def test_the_rule_follows_the_cpu_not_a_clock(cpu):
+    flags = platform.cpu_info().flags
+    has_bf16_gemm = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert prefill.dense_min_rows() == (prefill.DENSE_MIN_ROWS if has_bf16_gemm else None)
+    assert not prefill.takes_dense(1)
+    assert prefill.takes_dense(prefill.DENSE_MIN_ROWS) == has_bf16_gemm
+
+
+def test_a_layer_takes_the_ruled_path_on_both_sides_of_the_threshold(checkpoints, cpu):
     layer, reference = optimized_down_proj(checkpoints("llama_sym_g128"), "aten-int4")
     packed, scales_and_zeros = layer.zen_woq_weight, layer.zen_woq_scales_and_zeros
-    prefill.clear()
-    for rows in (prefill.MIN_ROWS - 1, prefill.MIN_ROWS, 200):
-        x = torch.randn(1, rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        want = x.float() @ reference.T
-        with torch.no_grad():
-            got = layer(x)
-            dense = int4pack_layout.dense_linear(x[0], packed, scales_and_zeros)
-        assert sqnr_db(got.float(), want) >= LAYER_SQNR_DB
-        assert sqnr_db(dense.float(), want[0]) >= LAYER_SQNR_DB  # the dense side, whichever won the race
-    raced = prefill.choices()
-    print("\n".join(map(str, raced)))
-    assert [choice.rows for choice in raced] == [16, 256]  # 15 rows never race; one choice per bucket
-    assert all(choice.dense_ms is not None and choice.sqnr >= prefill.MIN_SQNR_DB for choice in raced)
+    group_size = layer.in_features // scales_and_zeros.shape[0]
+
+    def kernel(x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+    def dense(x):
+        return int4pack_layout.dense_linear(x, packed, scales_and_zeros)
+
+    assert_rows_follow_the_rule(layer, reference, kernel, dense, LAYER_SQNR_DB)

@@ -1,6 +1,6 @@
 """Property tests (hypothesis): any layer shape, group size, zero point, bias and M, through the
 real pass (match, predicate, pack, self-check, splice) and Inductor, for every kernel of the chain
-that runs here: the compiled layer equals the fp32 reference within the bf16 bound."""
+that can run here: the compiled layer equals the fp32 reference within the bf16 bound."""
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,8 +8,11 @@ from hypothesis import strategies as st
 
 import zen_woq_pass
 from zen_woq_pass import numerics
-from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.probe import packed_linear
+
+# forced, a kernel skips only the CPU gate (zentorch runs here under ZenDNN's reference algorithm)
+RUNNABLE_HERE = [kernel.name for kernel in CHAIN if kernel.platform_reason(forced=True) is None]
 
 
 @st.composite
@@ -21,7 +24,7 @@ def layers(draw):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layer=layers(), rows=st.integers(1, 64), seed=st.integers(0, 2**16), kernel=st.sampled_from([k.name for k in CHAIN]))
+@given(layer=layers(), rows=st.integers(1, 64), seed=st.integers(0, 2**16), kernel=st.sampled_from(RUNNABLE_HERE))
 def test_compiled_layer_matches_fp32_reference(layer, rows, seed, kernel):
     out_features, in_features, group_size, zero_point, bias = layer
     linear = packed_linear(out_features, in_features, group_size, zero_point=zero_point, bias=bias, seed=seed)

@@ -10,7 +10,7 @@ symmetric and the asymmetric (zero-point) checkpoint:
 - greedy chat answers that are coherent text (printed beside the reference's, with where they part).
 The kernels run as ``optimize`` runs them, eagerly (``compile=True`` compiles only ``generate``'s
 decode step; a teacher-forced window is a forward); stock Inductor is compiled once. A window's
-512 rows take the prefill path where it won its race (:mod:`zen_woq_pass.prefill`), and its
+512 rows take the prefill path its rule names (:mod:`zen_woq_pass.prefill`), and its
 attention the package's flash kernel where it loads (:mod:`zen_woq_pass.attention`). 2048 tokens,
 not 1024: on 1024 a change of attention kernel as accurate as sdpa (closer to fp32 attention on
 the model's own activations) moved zentorch's perplexity by 0.59 % and its KLD not at all.
@@ -25,7 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zen_woq_pass
-from zen_woq_pass import huge_pages, measure, platform, prefill, quality, smollm2
+from zen_woq_pass import huge_pages, measure, prefill, quality, smollm2
+from zen_woq_pass.kernels import CHAIN
+
+from helpers import four_bit_kernels_here
 
 pytestmark = [
     pytest.mark.needs_llmcompressor,
@@ -43,8 +46,10 @@ PROMPTS = ("What is the capital of France?", "Name three colours of the rainbow.
 
 
 def kernels_here() -> list[str]:
-    """The 4-bit kernels this CPU runs for users: aten-int4 always, zentorch where the gate says yes."""
-    return ["aten-int4"] + (["zentorch"] if platform.zentorch_cpu_reason() is None else [])
+    """The 4-bit kernels this CPU runs, in the chain's order: aten-int4 always, avx512-int4 where
+    the package's kernels run, zentorch where the gate says yes."""
+    here = four_bit_kernels_here()
+    return [kernel.name for kernel in CHAIN if kernel.name in here]
 
 
 def _load(path):
@@ -97,7 +102,7 @@ def _check(variant, kernel, inductor, rows):
     ref = reference(variant)
     model = zen_woq_pass.optimize(_load(ref.path), kernel=kernel)
     kernels = set(model.zen_woq_report.by_kernel())
-    assert (kernels == {kernel}) if kernel != "auto" else (kernels <= {"zentorch", "aten-int4"})
+    assert kernels == {kernel}
     if huge_pages.unavailable_reason() is None:  # the numbers below come from weights on 2 MB pages
         assert "are on 2 MB pages" in model.zen_woq_report.pages, model.zen_woq_report.pages
     ppl, top1, kld = ref.measures(ref.logits_of(model))
@@ -113,14 +118,15 @@ def _check(variant, kernel, inductor, rows):
 
 @pytest.mark.parametrize("variant", ["w4a16-rtn", "w4a16-asym-rtn"])
 @pytest.mark.parametrize("kernel", kernels_here())
-@pytest.mark.parametrize("rows", ["rows raced", "kernel for every row"])
+@pytest.mark.parametrize("rows", ["rows by rule", "kernel for every row"])
 def test_each_kernel_on_each_scheme(variant, kernel, rows, inductor_measures, monkeypatch):
     """Both sides of the prompt-row dispatch: as users run it, and the 4-bit kernel alone."""
-    if rows != "rows raced":
-        monkeypatch.setattr(prefill, "MIN_ROWS", 1 << 30)
+    if rows != "rows by rule":
+        monkeypatch.setattr(prefill, "dense_min_rows", lambda: None)
     elif kernel == "zentorch":
-        pytest.skip("zentorch's layers do not race a dense GEMM")
-    prefill.clear()
+        pytest.skip("zentorch's layers take no dense GEMM for many rows")
+    elif prefill.dense_min_rows() is None:
+        pytest.skip(f"the rule keeps the kernel for every row here: {prefill.rule()}")
     _check(variant, kernel, inductor_measures, rows)
 
 

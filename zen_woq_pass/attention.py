@@ -1,6 +1,7 @@
 """The optimized model's attention: one query in the compiled decode step as tensor math, eager
-calls (a prompt above all) on the package's own bf16 flash-attention kernel, the rest transformers'
-sdpa.
+prompts on the package's own bf16 flash-attention kernel, the rest (an eager decode step among them)
+transformers' sdpa. ``use(model)`` switches a model to it and says what runs; ``restore(model)``
+switches back.
 
 Why the decode step's is tensor math: in the compiled decode step of SmolLM2-135M (a Zen 4, 2
 threads) transformers' sdpa attention called ATen's CPU flash-attention kernel once per layer, about
@@ -13,9 +14,19 @@ flash attention computed a causal 512-token prompt's masked half too, at a third
 speed: 4.3 ms a layer, 129 ms of SmolLM2's 500 ms to a first token; ours took 1.3 ms. Elsewhere,
 and for what neither covers (training, dropout, a float mask, soft-capping, attention sinks, a
 position bias), transformers' sdpa runs as it would have.
+
+Why an eager decode step is sdpa's: the kernel packs every key and value it reads, once per call, for
+each kv head; a call of few queries (one, in an eager ``generate``'s step) would repack the whole
+cache per layer and token, a cost that grows with the cache while the queries that share it stay
+few. A prompt's call packs only the keys up to the last one some query sees: a static cache's mask
+spans all ``max_cache_len`` slots, a prompt fills a few. The kernel finds that key in the mask, 8
+keys a load; here, torch's reduction of a bool mask [2, 1, 512, 4096] took 4 ms (one core of a busy
+Zen 3), against the kernel's 1.3 ms for a 512-token prompt's layer (a Zen 4).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from transformers import AttentionInterface
@@ -29,21 +40,44 @@ NAME = "zen_woq_sdpa"
 # Whether the package's kernels loaded in this process, set by ``use`` (the prompts' kernel is one of them).
 _native_kernel = False
 
+# Fewer query rows than this per kv head (queries x heads sharing it) go to sdpa: packing a key costs
+# about what 16 to 32 query rows' products with it cost in the kernel (packing is scalar, the
+# products VDPBF16PS), and ATen's kernel computes those products at about a third of our speed, so
+# below some 16 rows packing cannot pay. An estimate from the instruction counts, not a measurement.
+FEW_QUERY_ROWS = 16
+
+KERNEL, ONE_QUERY, SDPA = "zen_woq kernel", "one query as tensor math", "sdpa"
+
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: query [B, H, q, D], key and value [B, Hkv, L, D], a
     boolean mask [B or 1, 1, q, L] (True: attend) or None; returns [B, q, H, D] and no weights."""
-    if not _plain(module, attention_mask, dropout, kwargs):
-        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    path = route(module, query, key, value, attention_mask, dropout, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        if query.shape[2] == 1 and attention_mask is not None:
-            return _one_query(query, key, value, attention_mask, scale), None
-    elif _native_kernel and _native_fits(query, key, value, attention_mask):
+    if path == ONE_QUERY:
+        return _one_query(query, key, value, attention_mask, scale), None
+    if path == KERNEL:
         # sdpa's reading of the arguments: causal only for several queries and no mask
         causal = query.shape[2] > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
         return torch.ops.zen_woq_native.prompt_attention(query, key, value, attention_mask, bool(causal), scale), None
     return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def route(module, query, key, value, attention_mask, dropout=0.0, kwargs=None) -> str:
+    """Which form computes this call: ``ONE_QUERY`` (a compiled decode step), ``KERNEL`` (an eager
+    prompt where the kernel loaded) or ``SDPA`` (the rest)."""
+    if not _plain(module, attention_mask, dropout, kwargs or {}):
+        return SDPA
+    if torch.compiler.is_compiling():
+        return ONE_QUERY if query.shape[2] == 1 and attention_mask is not None else SDPA
+    if _native_kernel and _native_fits(query, key, value, attention_mask) and not _few_queries(query, key):
+        return KERNEL
+    return SDPA
+
+
+def _few_queries(query, key) -> bool:
+    """Too few query rows per kv head to pay for packing its keys (an eager decode step's one)."""
+    return query.shape[2] * (query.shape[1] // key.shape[1]) < FEW_QUERY_ROWS
 
 
 def _plain(module, attention_mask, dropout, kwargs) -> bool:
@@ -100,14 +134,48 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use(model: torch.nn.Module) -> str:
-    """Switch a model on transformers' sdpa attention to this one; says what computes it."""
+    """Switch a model on transformers' sdpa attention to this one; says what computes it, read back
+    from the model: a class transformers cannot switch (its attention not called through
+    AttentionInterface) keeps its own, and so does a module that holds a config of its own."""
     global _native_kernel
     current = model.config._attn_implementation
     if current not in ("sdpa", NAME):
         return f"attention: transformers' {current!r}, as the model was loaded (zen_woq takes over only 'sdpa')"
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        return (
+            f"attention: transformers' {model.config._attn_implementation!r}, as the model was loaded: {type(model).__name__} "
+            f"kept it when asked for {NAME!r} (transformers switches only models whose attention calls its AttentionInterface)"
+        )
     reason = native.unavailable_reason()
     _native_kernel = reason is None
     if reason is None:
-        return "attention: prompts and eager steps on zen_woq's bf16 flash-attention kernel, a compiled decode step's as tensor math"
-    return f"attention: prompts on transformers' sdpa (zen_woq's kernel cannot run: {reason}), a compiled decode step's as tensor math"
+        line = "attention: prompts on zen_woq's bf16 flash-attention kernel, eager decode steps on transformers' sdpa, a compiled decode step's as tensor math"
+    else:
+        line = f"attention: prompts on transformers' sdpa (zen_woq's kernel cannot run: {reason}), a compiled decode step's as tensor math"
+    kept = _kept(model, NAME)
+    if kept:
+        where = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        line += f"; but {where} read a config of their own that kept transformers' {current!r}"
+    return line
+
+
+def restore(model: torch.nn.Module) -> str:
+    """The model's own attention again (transformers' sdpa where ``use`` switched it), as
+    ``optimize(..., attention=False)`` leaves it; says what computes it. A decode step compiled
+    before (``optimize(compile=True)``) keeps the attention it was compiled with."""
+    if model.config._attn_implementation == NAME:
+        model.set_attn_implementation("sdpa")
+    line = f"attention: transformers' {model.config._attn_implementation!r}, the model's own"
+    if hasattr(model, "zen_woq_report"):
+        model.zen_woq_report = dataclasses.replace(model.zen_woq_report, attention=line)
+    return line
+
+
+def _kept(model: torch.nn.Module, implementation: str) -> list[str]:
+    """The modules whose config names another attention than ``implementation``: what they run."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if getattr(getattr(module, "config", None), "_attn_implementation", implementation) != implementation
+    ]

@@ -8,18 +8,26 @@ compiled on first use; past ``MAX_VARIANTS`` it gets the default path. After a v
 call, the kept modules it replaced take their plans (:func:`zen_woq_pass.convert.adopt_compiled`):
 the model then holds its weights once, and dynamo recompiles once, onto modules that call their
 kernels directly. ``torch._dynamo.reset()`` clears every cache of this package (:func:`reset`).
+
+Dynamo keeps what a backend returns until ``torch._dynamo.reset()``, model or no model (its cache
+hangs on the code object, shared by every instance of the class). Plain Inductor holds no module
+tensor there: they are inputs. A variant holds folded constants, so it lives only as long as the
+tensors it folded: when one of them dies (the model is deleted) the variant is dropped, and the
+constants with it (Inductor's code holds reference cycles: the garbage collector's next pass). The backend returns a plain function over the variants, not an object: dynamo
+copies the ``__dict__`` of what it wraps, which would keep a snapshot of it alive.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import weakref
 
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from zen_woq_pass import choose, convert, gemv, plan, platform, prefill, selfcheck
+from zen_woq_pass import convert, plan, platform, prefill, selfcheck
 from zen_woq_pass import report as report_module
 from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass.rewrite import rewrite
@@ -31,16 +39,19 @@ MAX_VARIANTS = 8
 
 def zen_woq(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """The dynamo backend: ``torch.compile(model, backend="zen_woq", mode=..., options={"kernel": ...})``."""
-    return _GuardedGraph(gm, list(example_inputs), Options.from_user(options, mode))
+    guarded = _GuardedGraph(gm, list(example_inputs), Options.from_user(options, mode))
+
+    def compiled(*args):
+        return guarded(*args)
+
+    return compiled
 
 
 def reset() -> None:
     """Forget every decision, report and probe of this process (``torch._dynamo.reset()`` calls it)."""
     plan.clear()
     selfcheck.clear()
-    gemv.clear()
     prefill.clear()
-    choose.clear()
     report_module.clear()
     platform.clear_caches()
 
@@ -59,13 +70,16 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 class _GuardedGraph:
-    """Compiled variants of one captured graph, keyed by the identity of the folded inputs."""
+    """Compiled variants of one captured graph, keyed by the identity of the folded inputs; each
+    held while those inputs live."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, options: Options):
         self.original, self.options = gm, options
-        self.variants: list[tuple[tuple[int, ...], tuple[weakref.ref, ...], object]] = []
+        # token -> (indices of the folded inputs, weak references to them, compiled code)
+        self.variants: dict[int, tuple[tuple[int, ...], tuple[weakref.ref, ...], object]] = {}
         self.fallback = None
-        self.to_adopt: tuple = ()
+        self.to_adopt: list = []
+        self._tokens = itertools.count()
         self._add_variant(example_inputs)
 
     def _compile(self, inputs, options: Options):
@@ -76,7 +90,14 @@ class _GuardedGraph:
 
     def _add_variant(self, inputs):
         compiled, folded = self._compile(inputs, self.options)
-        self.variants.append((folded, tuple(weakref.ref(inputs[i]) for i in folded), compiled))
+        token, guarded = next(self._tokens), weakref.ref(self)
+
+        def drop(_):  # a folded input died: its model is gone, so the constants folded from it go too
+            live = guarded()
+            if live is not None:
+                live.variants.pop(token, None)
+
+        self.variants[token] = (folded, tuple(weakref.ref(inputs[i], drop) for i in folded), compiled)
         return compiled
 
     def _default_path(self, inputs):
@@ -86,7 +107,7 @@ class _GuardedGraph:
         return self.fallback
 
     def _select(self, args):
-        for folded, refs, compiled in self.variants:
+        for folded, refs, compiled in list(self.variants.values()):
             if all(ref() is args[i] for i, ref in zip(folded, refs)):
                 return compiled
         if len(self.variants) < MAX_VARIANTS:
@@ -97,6 +118,7 @@ class _GuardedGraph:
     def __call__(self, *args):
         result = self._select(args)(*args)
         if self.to_adopt:  # after the call: the compiled code has read the tensors it takes from the modules
-            adopt, self.to_adopt = self.to_adopt, ()
+            adopt = tuple(self.to_adopt)
+            self.to_adopt.clear()
             convert.adopt_compiled(adopt)
         return result

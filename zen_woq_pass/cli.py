@@ -1,4 +1,5 @@
 """``zen-woq`` (also ``python -m zen_woq_pass``): ``doctor`` says what this machine can run;
+``measure`` times the candidates behind the package's rules here (it changes nothing that runs);
 ``run`` is the main job -- a real W4A16 model optimized by zen_woq, answering a chat prompt,
 measured beside transformers' own dense model; ``make-model`` makes the real model's checkpoints."""
 
@@ -12,7 +13,7 @@ from importlib import resources
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import doctor, measure, prefill, smollm2
+from zen_woq_pass import doctor, evidence, measure, prefill, smollm2
 from zen_woq_pass.kernels import KERNELS
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -75,8 +76,7 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compil
     first_s = time.perf_counter() - start
     timing = measure.time_generation(model, ids, new_tokens)
     print(model.zen_woq_report)
-    if prefill.choices():
-        print("prompt rows, measured on this prompt:\n" + "\n".join(f"  {choice}" for choice in prefill.choices()))
+    print(f"prompt rows: {prefill.rule()}")
     comparison = measure.compare_greedy(dense, model, ids, tokens, reference)
     print(f"\nprompt              : {prompt!r}")
     print(f"answer (zen_woq)    : {_answer(tokenizer, tokens)!r}")
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zen-woq", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="what this machine can run, and what to do next")
+    commands.add_parser("measure", help="time the candidates behind each rule here (changes nothing that runs)")
     run_parser = commands.add_parser("run", help="chat with a W4A16 model optimized by zen_woq")
     run_parser.add_argument("model_dir", nargs="?", help="compressed-tensors W4A16 checkpoint (default: SmolLM2, else embedded)")
     run_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
         lines, verdict = doctor.report()
         print("\n".join(lines))
         print(f"\nverdict: {verdict}")
+        return 0
+    if args.command == "measure":
+        print("\n".join(evidence.report()))
         return 0
     logging.basicConfig(level=logging.WARNING)
     return 0 if run(args.model_dir, args.prompt, args.max_new_tokens, args.kernel, args.compile) else 1

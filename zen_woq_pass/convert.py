@@ -16,13 +16,13 @@ import functools
 import torch
 
 from zen_woq_pass import plan as plans
+from zen_woq_pass import report as report_module
 from zen_woq_pass.keep_compressed import PACKED_TENSOR_NAMES, PackedForward, owner
+from zen_woq_pass.kernels import KERNELS
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.match import NotRecoverable, describe
 from zen_woq_pass.options import DEFAULT, Options
-from zen_woq_pass import report as report_module
 from zen_woq_pass.report import Report
-
 
 # compressed-tensors' tensors on a Linear, besides the dense ``weight`` of the unpacked forms
 CHECKPOINT_TENSOR_NAMES = (*PACKED_TENSOR_NAMES, "weight_shape")
@@ -44,6 +44,22 @@ class KernelForward:
         constants = {name: getattr(self, f"zen_woq_{name}") for name in self.zen_woq_constant_names}
         target = self.zen_woq_target if torch.compiler.is_compiling() else self.zen_woq_eager_target
         return target(*self.zen_woq_kernel.arguments(input, constants, bias))
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (and deep-copied) as what :func:`kernel_class` made its class from, which pickle
+        cannot find by name."""
+        cls = type(self)
+        kernel = cls.zen_woq_kernel
+        kernel = kernel.name if KERNELS.get(kernel.name) is kernel else kernel  # the chain's by name
+        made_from = (_base_class(cls), kernel, cls.zen_woq_constant_names, cls.__bases__[0])
+        return _rebuilt, made_from, self.__getstate__()
+
+
+def _rebuilt(base: type, kernel: Kernel | str, names: tuple[str, ...], forward: type):
+    """An empty module of the class :func:`kernel_class` makes (``kernel``: a kernel, or the name
+    of one in ``KERNELS``); pickle then sets its state."""
+    cls = kernel_class(base, KERNELS[kernel] if isinstance(kernel, str) else kernel, names, forward)
+    return cls.__new__(cls)
 
 
 def _base_class(cls: type) -> type:

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from zen_woq_pass import platform, timings
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass import native, platform, prefill
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.report import DEFAULT_PATH, last_report
 
 SHOWN_FLAGS = ("avx2", "fma", *platform.ZENTORCH_WOQ_FLAGS, "amx_bf16")
@@ -48,7 +48,11 @@ def report() -> tuple[list[str], str]:
         result = "passed (within the bf16 bound of the fp32 reference)" if decision.kernel == kernel.name else decision.reason
         lines.append(f"self-check   : {kernel.name}: {result}")
     auto = probe("auto")
-    lines.append(f"timings      : {timings.path()} (races measured once per machine; delete it to measure again)")
+    lines.append("rules        : by the CPU and the call's shape, never by a clock (same input, same bits; `zen-woq measure` times them here)")
+    lines.append(f"  4-bit kernel: the first of {', '.join(k.name for k in CHAIN)} that passes")
+    head = "torch.mv" if native.unavailable_reason() else "packed-bf16 where the weight packs, else torch.mv"
+    lines.append(f"  dense head  : {head} at one row, F.linear for more")
+    lines.append(f"  prompt rows : {prefill.rule()}")
     if auto.kernel == DEFAULT_PATH:
         return lines, f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."
     passed_over = f" (not {auto.reason})" if auto.reasons else ""

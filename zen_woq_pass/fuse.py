@@ -5,15 +5,24 @@ SmolLM2's shapes q/k/v took 69 us as three calls and 35 us as one, gate/up 89 us
 siblings' weights are concatenated along the output dim and planned as one layer (same chain, same
 self-check), and held once. transformers' modeling code runs unchanged: the first sibling called
 computes every sibling's output, and the others take theirs when called on the same input tensor
-(on any other input they compute again, so the answer never depends on the call order; each
-thread has its own hand-over). Under ``torch.compile`` dynamo traces the same hand-over, so the
-graph holds one call per group (tested).
+(on any other input, or on the same tensor edited in place since -- its ``_version`` moved -- they
+compute again, so the answer never depends on the call order or on hooks; each thread has its own
+hand-over). The input is held weakly and the pending outputs go with it, so a sibling never called
+(cross-attention, layers sharing another's K/V) keeps no activations alive; the hand-over is no
+part of a module's state, so a fused model deep-copies and pickles (the copy starts empty). Under
+``torch.compile`` dynamo traces the same hand-over, so the graph holds one call per group (tested);
+dynamo cannot branch on ``_version`` (an unbacked SymInt), so there the hand-over is by identity
+within compiled code, and an output is taken only by the kind of code (compiled or eager) that
+computed it. Inference tensors (``torch.inference_mode``) have no version counter: for them too
+the hand-over is by identity alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
+import weakref
 
 import torch
 
@@ -27,25 +36,47 @@ from zen_woq_pass.options import Options
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def _version(x: torch.Tensor) -> int:
+    return -1 if x.is_inference() else x._version  # inference tensors count no versions
+
+
+def _drop(outputs: list, _input_ref) -> None:
+    outputs[:] = [None] * len(outputs)  # the input is gone: no call can take them
+
+
 class PendingOutputs(threading.local):
-    """Shared by one group's siblings, per thread: the input last computed and each sibling's
-    output not yet taken."""
+    """Shared by one group's siblings, per thread: the last input computed (a weak reference), its
+    ``_version`` then (None if computed in compiled code) and each sibling's output not yet taken,
+    as one tuple, replaced whole (a weakref callback may clear the outputs from another thread)."""
 
     def __init__(self, columns: tuple[tuple[int, int], ...]):
         self.columns = columns
-        self.input: torch.Tensor | None = None
-        self.outputs: list[torch.Tensor | None] = [None] * len(columns)
+        self.entry: tuple[weakref.ref, int | None, list[torch.Tensor | None]] | None = None
+
+    def __reduce__(self):
+        return PendingOutputs, (self.columns,)  # per process and thread: a copy starts with none
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        if x is not self.input or self.outputs[index] is None:
+        if self.entry is None:
             return None
-        output, self.outputs[index] = self.outputs[index], None
-        if all(o is None for o in self.outputs):
-            self.input = None  # all taken: hold no activations between steps
+        input_ref, version, outputs = self.entry
+        if input_ref() is not x or outputs[index] is None:
+            return None
+        fresh = version is None if torch.compiler.is_compiling() else version == _version(x)
+        if not fresh:  # edited in place since, or computed by the other kind of code
+            self.entry = None
+            return None
+        output, outputs[index] = outputs[index], None
+        if all(o is None for o in outputs):
+            self.entry = None  # all taken: hold no activations between steps
         return output
 
     def keep(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.input, self.outputs = x, [y[..., start:stop] for start, stop in self.columns]
+        outputs = [y[..., start:stop] for start, stop in self.columns]
+        if torch.compiler.is_compiling():
+            self.entry = (weakref.ref(x), None, outputs)
+        else:
+            self.entry = (weakref.ref(x, functools.partial(_drop, outputs)), _version(x), outputs)
         return self.take(index, x)
 
 

@@ -16,8 +16,8 @@ import logging
 import weakref
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from zen_woq_pass import ct_format
 

@@ -28,7 +28,7 @@ def median_ms(fn, min_seconds: float = 0.3, min_runs: int = 5, max_runs: int = 2
 
 
 def best_ms(fn, runs: int = 20, warmup: int = 2) -> float:
-    """Fastest wall time of ``fn()`` in ms over ``runs`` calls: for races between kernels, where a
+    """Fastest wall time of ``fn()`` in ms over ``runs`` calls: for comparing kernels, where a
     shared machine's slow spells should not decide."""
     with torch.no_grad():
         for _ in range(warmup):

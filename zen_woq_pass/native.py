@@ -4,10 +4,11 @@ torch.compile.
 The source is compiled the first time a process needs it (about 10 s, with the C++ compiler that
 Inductor uses too) into ``<cache>/native/<key>/``, under a file lock; ``key`` hashes the source,
 the flags, torch's version and the compiler's, so a changed one builds anew and a found library is
-whole (it is renamed into place when complete). torch's ``cpp_extension.load`` would need ninja and
-a Python module; a plain ``TORCH_LIBRARY`` shared object loaded by ``torch.ops.load_library`` needs
-neither. It is built for AVX512-VNNI and AVX512-BF16 and loaded only where the CPU has both:
-anywhere else its code must never run.
+whole (its folder is renamed into place when complete; a key folder without it, left by a crash or
+a cleaner, is replaced). torch's ``cpp_extension.load`` would need ninja and a Python module; a
+plain ``TORCH_LIBRARY`` shared object loaded by ``torch.ops.load_library`` needs neither. It is
+built for AVX512-VNNI and AVX512-BF16 and loaded only where the CPU has both: anywhere else its
+code must never run.
 """
 
 from __future__ import annotations
@@ -53,14 +54,30 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
-def _build(compiler: str) -> Path:
-    """The built library's path, built here if no process built it before."""
+LIBRARY = "zen_woq_native.so"
+
+
+def _key(compiler: str) -> str:
+    """The build's name: a hash of the source, the flags, torch's version and the compiler's."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
+    return hashlib.sha256(
         "\0".join([*(s.read_text() for s in SOURCES), " ".join(_command("", (), Path())), torch.__version__, version]).encode()
     ).hexdigest()[:16]
+
+
+def _remove(path: Path) -> None:
+    """Whatever is at ``path``: a folder with its files, a file, a link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _build(compiler: str) -> Path:
+    """The built library's path, built here if no process built it before."""
+    key = _key(compiler)
     folder = cache.root() / "native"
-    final = folder / key / "zen_woq_native.so"
+    final = folder / key / LIBRARY
     if final.is_file():
         return final
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,6 +90,9 @@ def _build(compiler: str) -> Path:
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
             os.chmod(partial, 0o755)
+            # the key's folder without the library (a build that crashed, files a cleaner took):
+            # no process loads from it, and under the lock none is building into it
+            _remove(final.parent)
             os.rename(partial, final.parent)
         finally:
             shutil.rmtree(partial, ignore_errors=True)

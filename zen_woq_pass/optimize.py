@@ -17,13 +17,15 @@ import logging
 
 import torch
 
-from zen_woq_pass import attention, gemv, huge_pages
+from zen_woq_pass import attention as zen_attention
+from zen_woq_pass import gemv, huge_pages
 from zen_woq_pass.convert import KernelForward, convert
 from zen_woq_pass.decode import compile_decode
 from zen_woq_pass.head import quantize_head
-from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.keep_compressed import keep_compressed
+from zen_woq_pass.memory import release_checkpoint_file, return_freed_heap
 from zen_woq_pass.options import Options
+from zen_woq_pass.rewrite import remember_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ def optimize(
     fuse: bool = True,
     lm_head: str | None = None,
     compile: bool | str = False,
+    attention: bool = True,
     mode: str | None = None,
     **inductor_config,
 ) -> torch.nn.Module:
@@ -43,7 +46,7 @@ def optimize(
     ``kernel``: "auto", a kernel's name ("zentorch", "avx512-int4", "aten-int4", "dense") or
     "default" (see the backend's options). By default the layers run their kernels eagerly: on
     SmolLM2-135M that was 2.4x transformers' decode speed with a first ``generate`` of 1.8 s (README,
-    an Intel Xeon); a prompt's many rows take a dense GEMM where measured faster
+    an Intel Xeon); a prompt's many rows take a dense GEMM where the CPU has bf16 GEMM hardware
     (:mod:`zen_woq_pass.prefill`), and its attention the package's flash-attention kernel where
     that loads (:mod:`zen_woq_pass.attention`; 3.3x ATen's on a 512-token prompt, a Zen 4).
     ``compile=True`` also compiles ``generate``'s decode step, once (:mod:`zen_woq_pass.decode`:
@@ -55,6 +58,7 @@ def optimize(
     projections reading one input (q/k/v, gate/up) share one kernel call (:mod:`zen_woq_pass.fuse`;
     the same numbers, fewer calls). ``lm_head="int8"`` (or ``"int4"``) rounds the dense output
     Linear to 8 (4) bits too (:mod:`zen_woq_pass.head`; it changes the numbers, so it is opt-in).
+    ``attention=False`` leaves the model's own attention (transformers' sdpa) in place.
     ``mode`` and any other keyword (an Inductor config patch) go to the backend.
     Works on a model fresh from ``from_pretrained``, one transformers already decompressed, and one
     right after llmcompressor's calibration (the fake-quant form).
@@ -73,10 +77,11 @@ def optimize(
     released = release_checkpoint_file(model)
     if released:
         logger.info("zen_woq: copied %.1f MB of tensors out of the memory-mapped checkpoint file", released / 1e6)
-    report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)), attention=attention.use(model))
+    report = dataclasses.replace(report, pages=huge_pages.move(_streamed_tensors(model)), attention=zen_attention.use(model) if attention else zen_attention.restore(model))
     logger.info("zen_woq: %s; %s", report.pages, report.attention)
     return_freed_heap()
     model.zen_woq_report = report
+    remember_model(model)  # a graph the user compiles later reports the layers it calls
     if compile:
         compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
     return model

@@ -18,10 +18,9 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from zen_woq_pass import choose, selfcheck
+from zen_woq_pass import selfcheck
 from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
-from zen_woq_pass.kernels import DENSE
 from zen_woq_pass.options import DEFAULT, Options
 from zen_woq_pass.report import DEFAULT_PATH, LayerDecision
 
@@ -65,16 +64,13 @@ def decide(
     options: Options,
     skip: tuple[str, ...] = (),
 ) -> LayerPlan:
-    """Walk the chain (less the kernels named in ``skip``): a kernel qualifies if it can run here,
-    takes the layer and passes its self-check on the layer's own packed constants. A forced kernel
-    wins if it qualifies; under ``auto`` the fastest qualifying 4-bit kernel wins
-    (:mod:`zen_woq_pass.choose`), and ``dense`` only when none qualifies. Each "no" is kept as a
-    sentence."""
+    """Walk the chain (less the kernels named in ``skip``) in its order: the first kernel that can
+    run here, takes the layer and passes its self-check on the layer's own packed constants wins
+    (a forced kernel first, then the dense fallback). The order is a fixed rule, never a timing: the
+    kernels compute different bits, and a race made the same model's numbers depend on how busy
+    the machine was when it ran (issue 26). Each "no" is kept as a sentence."""
     reasons = ["kernel='default' was asked for"] if options.kernel == DEFAULT else []
-    qualified = []
     for kernel in (k for k in options.kernels if k.name not in skip):
-        if qualified and kernel is DENSE:
-            break  # a 4-bit kernel takes the layer
         reason = kernel.platform_reason(options.forced) or kernel.layer_reason(layer)
         if reason is None:
             try:
@@ -84,19 +80,9 @@ def decide(
             else:
                 reason = selfcheck.self_check(kernel, layer, weights, constants, bias)
         if reason is None:
-            qualified.append((kernel, constants))
-            if options.forced or kernel is DENSE:
-                break
-        else:
-            reasons.append(f"{kernel.name}: {reason}")
-    if not qualified:
-        return LayerPlan(_decision(layer.module_path, layer, None, reasons, {}), layer)
-    best = 0
-    if len(qualified) > 1:
-        best, slower = choose.fastest(qualified, layer, bias)
-        reasons.extend(slower)
-    kernel, constants = qualified[best]
-    return LayerPlan(_decision(layer.module_path, layer, kernel, reasons, constants), layer, kernel, constants)
+            return LayerPlan(_decision(layer.module_path, layer, kernel, reasons, constants), layer, kernel, constants)
+        reasons.append(f"{kernel.name}: {reason}")
+    return LayerPlan(_decision(layer.module_path, layer, None, reasons, {}), layer)
 
 
 # first source tensor (by identity, weakly) -> {key: LayerPlan}

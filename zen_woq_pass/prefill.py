@@ -1,111 +1,64 @@
-"""A prompt's many rows through a bf16 GEMM, on the layer's weights dequantized per call.
+"""A prompt's many rows through a bf16 GEMM on the layer's weights dequantized per call, by a fixed
+rule of the CPU and the row count: never by a clock.
 
-Why: the 4-bit kernels are built for a few rows. On a 512-token prompt aten's made zen_woq's
-prefill 3.8x slower than transformers' decompressed model, whose bf16 GEMM (oneDNN, AVX512-BF16 or
-AMX) computes far faster. Dequantizing a layer reads N*K/2 bytes and writes N*K*2: small beside
-the GEMM once the rows are many, and no second copy is held. Which path is faster is measured on
-the call's own rows, once per kernel, layer shape and power-of-two bucket of rows, and the dense
-path must agree with the kernel (SQNR) before it is ever used. Eager calls only: a compiled decode
-step has one row. Each kernel brings its own dequantization (its packed layout).
+Why the dense path: the 4-bit kernels are built for a few rows. On a 512-token prompt aten's made
+zen_woq's prefill 3.8x slower than transformers' decompressed model, whose bf16 GEMM (oneDNN,
+AVX512-BF16 or AMX) computes far faster. Dequantizing a layer reads N*K/2 bytes and writes N*K*2:
+small beside the GEMM once the rows are many, and no second copy is held. Each kernel brings its
+own dequantization (its packed layout). Eager calls only: a compiled decode step has one row.
+
+Why a rule: the two paths compute different bits (the GEMM sums in another order than the kernel).
+Until issue 26 a race per layer shape and bucket of rows decided, on the first call's own rows, and
+returned the kernel's answer for that call: the same prompt gave other logits on its second call,
+in another process, or on a busy machine. The rule, from measurements (docs in README.md):
+- CPUs with bf16 GEMM hardware (AVX512-BF16 or AMX: Zen 4, Sapphire Rapids and later) take the
+  GEMM from ``DENSE_MIN_ROWS`` rows (a Xeon, SmolLM2, 2 threads: at 512 rows gate/up 3.4-4.4 ms
+  against the kernel's 13.3, down 1.4 against 6.7; at 16 rows all layers 9.8 ms dense before
+  dequantizing against the kernel's 12.1; a Zen 4 took the GEMM for every shape at 512 rows);
+- CPUs without (Zen 3, AVX2) keep the kernel: there a bf16 GEMM is emulated and 10-30x slower.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import time
+import functools
 from typing import Callable
 
 import torch
 
-from zen_woq_pass.numerics import sqnr_db
+from zen_woq_pass import platform
 
-logger = logging.getLogger(__name__)
-
-MIN_ROWS = 16  # below this the 4-bit kernel is not raced: a GEMV kernel's ground
-MIN_SQNR_DB = 40.0  # the dense path against the kernel on the same rows
-MAX_ROUNDS = 5  # of the race: one run of each path a round
-CLEAR_MARGIN = 0.1  # a race ends once one path is faster by this much (after two rounds)
-BUDGET_MS = 200.0  # or once its rounds have cost this
+DENSE_MIN_ROWS = 64  # from this many rows the GEMM runs, where the CPU has bf16 GEMM hardware
+BF16_GEMM_FLAGS = ("avx512_bf16", "amx_bf16")  # either: oneDNN's bf16 GEMM runs natively
 
 
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    """What one layer shape and bucket of rows runs, and why."""
-
-    shape: str  # kernel, layer shape, group, dtype
-    rows: int  # the bucket: calls with rows / 2 < M <= rows
-    dense: bool
-    kernel_ms: float
-    dense_ms: float
-    sqnr: float
-
-    def __str__(self) -> str:
-        winner = "dense bf16 GEMM" if self.dense else "the int4 kernel"
-        return (
-            f"{self.shape}, up to {self.rows} rows: {winner} (int4 {self.kernel_ms:.2f} ms, "
-            f"dequantize + GEMM {self.dense_ms:.2f} ms, SQNR {self.sqnr:.0f} dB against the kernel)"
-        )
+@functools.cache
+def dense_min_rows() -> int | None:
+    """Rows from which this CPU's prompts take the dense GEMM; None: never (no bf16 hardware)."""
+    flags = platform.cpu_info().flags
+    return DENSE_MIN_ROWS if any(flag in flags for flag in BF16_GEMM_FLAGS) else None
 
 
-_choices: dict[tuple, Choice] = {}
+def rule() -> str:
+    """The rule in force here, in words (``zen-woq doctor``, ``zen-woq run``)."""
+    rows = dense_min_rows()
+    if rows is None:
+        return f"prompts stay on the 4-bit kernel (this CPU has none of {', '.join(BF16_GEMM_FLAGS)}: no fast bf16 GEMM)"
+    return f"from {rows} rows a prompt's layers run dequantize + bf16 GEMM; fewer rows, the 4-bit kernel"
 
 
-def choices() -> list[Choice]:
-    """Every choice made in this process (the report's run-time half)."""
-    return list(_choices.values())
+def takes_dense(rows: int) -> bool:
+    """Whether a call of ``rows`` rows takes the dense GEMM here."""
+    threshold = dense_min_rows()
+    return threshold is not None and rows >= threshold
+
+
+def linear(rows: torch.Tensor, kernel: Callable[[], torch.Tensor], dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    """``kernel()`` (a 4-bit kernel on ``rows`` [M, K]) or ``dense()`` (the same through a bf16
+    GEMM; None where the kernel's layout is not decoded), by :func:`takes_dense`."""
+    if dense is not None and takes_dense(rows.shape[0]):
+        return dense()
+    return kernel()
 
 
 def clear() -> None:
-    _choices.clear()
-
-
-def _bucket(rows: int) -> int:
-    return 1 << (rows - 1).bit_length()
-
-
-def linear(rows: torch.Tensor, shape: tuple, kernel: Callable[[], torch.Tensor], dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
-    """``kernel()`` (a 4-bit kernel on ``rows``), or ``dense()`` (the same through a bf16 GEMM;
-    None where the kernel's layout is not decoded) where that was measured faster. ``shape``:
-    (kernel name, out_features, in_features, group size)."""
-    if rows.shape[0] < MIN_ROWS or dense is None:
-        return kernel()
-    key = (*shape, rows.dtype, _bucket(rows.shape[0]))
-    choice = _choices.get(key)
-    if choice is None:
-        _choices[key], answer = _race(kernel, dense, key)
-        logger.info("zen_woq prefill: %s", _choices[key])
-        return answer
-    return dense() if choice.dense else kernel()
-
-
-def _race(kernel, dense, key) -> tuple[Choice, torch.Tensor]:
-    """Both paths on this call's rows, taking turns, the fastest run of each counting (the
-    kernel's answer serves the call). First one dense call untimed: in a fresh process it includes
-    oneDNN making its GEMM for a new M and the allocator's first pages for the dequantized weights.
-    Then rounds of one run each, at least two, more (up to ``MAX_ROUNDS``) while the two are
-    within ``CLEAR_MARGIN`` of each other and the race has cost under ``BUDGET_MS``. Before, each
-    path ran twice in a row with no warm-up: on SmolLM2 (a Zen 4) the slower kernel won near-ties
-    that cost 80 ms of a 512-token prompt. On a big model a long prompt costs seconds a call."""
-    name, n, k, group_size, dtype, bucket = key
-    shape = f"{name} {n}x{k} g{group_size} {str(dtype).removeprefix('torch.')}"
-    dense()
-    kernel_times, dense_times, spent = [], [], 0.0
-    for turn in range(MAX_ROUNDS):
-        kernel_ms, answer = _timed(kernel)
-        dense_ms, dense_answer = _timed(dense)
-        kernel_times.append(kernel_ms)
-        dense_times.append(dense_ms)
-        spent += kernel_ms + dense_ms
-        fastest, slowest = sorted((min(kernel_times), min(dense_times)))
-        if turn and (slowest > fastest * (1 + CLEAR_MARGIN) or spent > BUDGET_MS):
-            break
-    sqnr = sqnr_db(dense_answer.float(), answer.float())
-    kernel_ms, dense_ms = min(kernel_times), min(dense_times)
-    return Choice(shape, bucket, dense_ms < kernel_ms and sqnr >= MIN_SQNR_DB, kernel_ms, dense_ms, sqnr), answer
-
-
-def _timed(fn) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    result = fn()
-    return (time.perf_counter() - start) * 1e3, result
+    dense_min_rows.cache_clear()

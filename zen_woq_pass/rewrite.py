@@ -12,6 +12,11 @@ After (constants packed once per layer, shared by every graph; the compiled code
 A layer's plan (:mod:`zen_woq_pass.plan`) is made the first time its weights are seen and read by
 every later graph: the sub-graph is evaluated, the self-check run and the weights packed once per
 layer, not once per graph. Layers on the default path are left as they are, for Inductor.
+
+A graph may also call kernels with nothing left to match: modules that hold their plan already
+(converted by ``optimize``, or by an earlier graph of this backend, which dynamo then recompiles).
+Their constants reach the graph as inputs, and each constant remembers the decisions of the layers
+that read it (:func:`remember`, weakly), so the graph's report lists those layers too.
 """
 
 from __future__ import annotations
@@ -20,13 +25,45 @@ import re
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from zen_woq_pass import plan as plans
+from zen_woq_pass import report as report_module
 from zen_woq_pass.match import Match, NotRecoverable, find_quantized_linears, recover
 from zen_woq_pass.options import Options
-from zen_woq_pass import report as report_module
-from zen_woq_pass.report import Report
+from zen_woq_pass.report import LayerDecision, Report
 
+# a kernel's constant (by identity, weakly) -> the decisions of the layers that read it (fused
+# siblings share their constants)
+_decisions_of = WeakIdKeyDictionary()
+
+
+def remember(constants, decision: LayerDecision) -> None:
+    """``constants`` (tensors) are what the layer ``decision`` describes calls its kernel on."""
+    for tensor in constants:
+        known = _decisions_of.get(tensor, ())
+        if not any(d is decision for d in known):
+            _decisions_of[tensor] = (*known, decision)
+
+
+def remember_model(model: torch.nn.Module) -> None:
+    """Remember the constants of every module of ``model`` that holds its plan (``zen_woq_decision``
+    and its ``zen_woq_*`` buffers)."""
+    for module in model.modules():
+        decision = getattr(module, "zen_woq_decision", None)
+        if isinstance(decision, LayerDecision):
+            remember([t for name, t in module.named_buffers(recurse=False) if name.startswith("zen_woq_")], decision)
+
+
+def _planned_before(example_inputs) -> list[LayerDecision]:
+    """The decisions of the layers whose kernel constants the graph takes as inputs, in order."""
+    decisions = []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            for decision in _decisions_of.get(value, ()):
+                if not any(d is decision for d in decisions):
+                    decisions.append(decision)
+    return decisions
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, Report, tuple, tuple]:
@@ -44,6 +81,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             _splice(gm, match, plan)
             folded.update(placeholders.index(leaf) for leaf in match.constant_inputs if leaf.op == "placeholder")
             used.append((match.constant_values, plan))
+            remember(plan.constants.values(), plan.decision)
     # Erase only the unpacking the kernels replaced, users first. FX's dead-code pass would also drop
     # in-place writes nobody reads, such as a static KV cache's update, here and (it recurses) in
     # the subgraphs of nested compile regions.
@@ -52,6 +90,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             gm.graph.erase_node(node)
     gm.recompile()
     report_module.log(decisions)
+    decisions += [d for d in _planned_before(example_inputs) if not any(d is mine for mine in decisions)]
     return gm, Report(options.kernel, tuple(decisions), _calls(gm)), tuple(sorted(folded)), tuple(used)
 
 

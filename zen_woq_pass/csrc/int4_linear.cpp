@@ -14,6 +14,15 @@
 // summed over groups in fp32 and rounded once to bf16. 4-bit codes c are q + 8 (0..15), zero is
 // zp + 8; 8-bit codes (int8_linear, the opt-in int8 lm_head) are q + 128, zero zp + 128.
 //
+// Outliers. LLMs have a few "massive activations", 10^3-10^4 times the median: at such an
+// element's scale the rest of its group would keep about 4 bits (a channel at 12000 with weight 0
+// put the error at 3x the bf16 bound). So where a group's top tier (its elements within 2^TIER of
+// its largest) holds at most one in OUTLIERS_PER of them (2 in groups of 16) and something nonzero
+// lies below it, the tier is taken out, again for the rest while that holds, and the rest is
+// written at its own scale; each element taken out is added exactly, (code - zero) * x with fp32
+// sums, from its weight column in the block (outlier_sums). The common group costs a few mask
+// operations more per 16 elements of x, and a call without outliers runs the same loop as before.
+//
 // Layout (zen_woq_pass/kernels/avx512_int4.py packs it). Output rows come in blocks of 16, one
 // int32 lane each. Per block, per step of 8 inputs from k: 4-bit, 64 bytes, byte 4r + j holding the
 // code of row r at input k + j in its low nibble and at k + 4 + j in its high one; 8-bit, 128
@@ -38,6 +47,8 @@ namespace {
 constexpr int64_t ROWS = 16;      // output rows per block
 constexpr int64_t STEP = 8;       // inputs per 64 bytes of a block
 constexpr int64_t PREFETCH = 512; // bytes ahead in a block's stream
+constexpr int64_t OUTLIERS_PER = 8; // a group's elements per one it may take out of the integer path
+constexpr int TIER = 7;             // binades below a group's largest that bf16 elements stay exact
 using bf16 = c10::BFloat16;
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -74,17 +85,35 @@ inline void step_codes(const uint8_t* p, __m512i& first, __m512i& second) {
   }
 }
 
-// x as 15-bit integers per group: hi and lo [M, K] int8; scale 2^(e - 14) and scale * sum(xq) [M, G].
+// An element x of row m of x, group g, taken out of the integer path. In a block's stream its 16
+// rows' codes lie in the 64 bytes at ``offset`` from the group's first step, one a 32-bit lane, at
+// the lane's top after a left shift by ``shift``.
+struct Outlier {
+  int32_t m, g, offset, shift;
+  float x;
+};
+
+// The exponent e of 2^e above |a| (frexp's), kept where 2^(14 - e) and 2^(e - 14) are normal floats.
+inline int scale_exponent(float a) {
+  int e = 0;
+  std::frexp(a, &e);  // 0 for a == 0
+  return std::max(e, -100);
+}
+
+// x as 15-bit integers per group: hi and lo [M, K] int8; scale 2^(e - 14) and scale * sum(xq) [M, G];
+// the elements taken out, in order of row and group.
 struct QuantizedX {
   std::vector<int8_t> hi, lo;
   std::vector<float> scale, scaled_sum;
+  std::vector<Outlier> outliers;
 
   QuantizedX(const bf16* x, int64_t M, const Shape& S) : hi(M * S.K), lo(M * S.K), scale(M * S.G), scaled_sum(M * S.G) {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < S.G; ++g) quantize_group(x, m * S.K + g * S.group, S.group, m * S.G + g);
+      for (int64_t g = 0; g < S.G; ++g) quantize_group(x, m * S.K + g * S.group, S, m * S.G + g);
   }
 
-  void quantize_group(const bf16* x, int64_t at, int64_t n, int64_t slot) {
+  void quantize_group(const bf16* x, int64_t at, const Shape& S, int64_t slot) {
+    const int64_t n = S.group;
     __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN if any x is inf or NaN
     for (int64_t k = 0; k < n; k += 16) {
       const __m512 v = load16(x + at + k);
@@ -97,25 +126,79 @@ struct QuantizedX {
       scale[slot] = scaled_sum[slot] = std::numeric_limits<float>::quiet_NaN();
       return;
     }
-    int e = 0;
-    std::frexp(amax, &e);  // amax < 2^e (0 for amax == 0)
-    const __m512 up = _mm512_set1_ps(std::ldexp(1.f, 14 - e));
+    const int e = scale_exponent(amax);
+    const int64_t top = write(x, at, n, slot, e, std::numeric_limits<float>::infinity());
+    if (0 < top && top <= std::max<int64_t>(2, n / OUTLIERS_PER)) take_out_outliers(x, at, S, slot, e, top);
+  }
+
+  // The group's elements below ``limit`` as xq at scale 2^(e - 14), the others as 0; returns how
+  // many of those below ``limit`` lie in the top tier, at or above 2^(e - TIER).
+  int64_t write(const bf16* x, int64_t at, int64_t n, int64_t slot, int e, float limit) {
+    const __m512 up = _mm512_set1_ps(std::ldexp(1.f, 14 - e)), below = _mm512_set1_ps(limit);
+    const __m512 tier = _mm512_set1_ps(std::ldexp(1.f, e - TIER));
     __m512i total = _mm512_setzero_si512();
+    int64_t top = 0;
     for (int64_t k = 0; k < n; k += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + at + k), up));  // |v| < 2^14
+      const __m512 f = load16(x + at + k), a = _mm512_abs_ps(f);
+      const __mmask16 kept = _mm512_cmp_ps_mask(a, below, _CMP_LT_OQ);
+      top += __builtin_popcount(_mm512_mask_cmp_ps_mask(kept, a, tier, _CMP_GE_OQ));
+      const __m512i v = _mm512_cvtps_epi32(_mm512_maskz_mul_ps(kept, f, up));  // |v| < 2^14
       total = _mm512_add_epi32(total, v);
       _mm_storeu_si128((__m128i*)(hi.data() + at + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 7)));
       _mm_storeu_si128((__m128i*)(lo.data() + at + k), _mm512_cvtepi32_epi8(_mm512_and_si512(v, _mm512_set1_epi32(127))));
     }
     scale[slot] = std::ldexp(1.f, e - 14);
     scaled_sum[slot] = float(_mm512_reduce_add_epi32(total)) * scale[slot];
+    return top;
+  }
+
+  // The group's top tier holds ``top`` elements, few: while each tier is few and something nonzero
+  // lies below it, take it out; then write the rest at its own scale and note each taken element.
+  // (Rare: scalar loops.)
+  void take_out_outliers(const bf16* x, int64_t at, const Shape& S, int64_t slot, int e, int64_t top) {
+    const int64_t n = S.group, most = std::max<int64_t>(2, n / OUTLIERS_PER);
+    float limit = std::numeric_limits<float>::infinity();
+    int64_t taken = 0;
+    for (;;) {
+      int64_t nonzero = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const float a = std::fabs(float(x[at + k]));
+        nonzero += a < limit && a > 0.f;
+      }
+      if (taken + top > most || nonzero == top) break;
+      limit = std::ldexp(1.f, e - TIER), taken += top;
+      float rest = 0.f;  // the largest element left
+      for (int64_t k = 0; k < n; ++k) {
+        const float a = std::fabs(float(x[at + k]));
+        if (a < limit) rest = std::max(rest, a);
+      }
+      e = scale_exponent(rest);
+      const float tier = std::ldexp(1.f, e - TIER);
+      top = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const float a = std::fabs(float(x[at + k]));
+        top += a < limit && a >= tier;
+      }
+    }
+    if (taken == 0) return;
+    write(x, at, n, slot, e, limit);
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = float(x[at + k]);
+      if (!(std::fabs(v) >= limit)) continue;
+      // byte 4r + j % 4 of the step's 64 bytes: 4-bit, its low nibble for j < 4, else its high one;
+      // 8-bit, of the first 64 bytes for j < 4, else of the second
+      const int64_t step = k / STEP, j = k % STEP;
+      const int32_t m = int32_t(slot / S.G), g = int32_t(slot % S.G);
+      if (S.bits == 4) outliers.push_back({m, g, int32_t(step * S.step_bytes()), int32_t(28 - 8 * (j % 4) - 4 * (j / 4)), v});
+      else outliers.push_back({m, g, int32_t(step * S.step_bytes() + 64 * (j / 4)), int32_t(24 - 8 * (j % 4)), v});
+    }
   }
 };
 
 // One block of 16 weight rows times MB rows of x (from m0): out[m * 16 + r], fp32.
 // Per row of x, four int32 accumulators (hi/lo x low/high nibbles) are independent chains.
 template <int BITS, int MB, typename Scale>
-void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, const QuantizedX& q, int64_t m0,
+__attribute__((always_inline)) inline void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, const QuantizedX& q, int64_t m0,
                const Shape& S, float* out) {
   // x's rows and the block's stream as plain pointers, advanced by the loop: read through ``q`` and
   // indexed by k / STEP, GCC reloaded them and divided every step (12 scalar ops of 33).
@@ -156,6 +239,67 @@ void dot_block(const uint8_t* block, const Scale* scales, const uint8_t* zeros, 
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ROWS, total[m]);
 }
 
+// The elements taken out of x times the weights, plus the bias: sums [M, N] fp32, to be added to
+// the integer path's. Per block and group, scale * sum((code - zero) * x), exact products and fp32
+// sums. Apart from the hot loop: in dot_block's epilogue, or called between its blocks, this cost
+// that loop register moves or a spill per step (GCC 12).
+template <int BITS, typename Scale>
+void outlier_sums(const uint8_t* wp, const Scale* sp, const uint8_t* zp, const bf16* bp, const QuantizedX& q, int64_t M,
+                  const Shape& S, float* sums) {
+  const std::vector<Outlier>& outliers = q.outliers;
+  at::parallel_for(0, S.N / ROWS, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const __m512 add = bp ? load16(bp + b * ROWS) : _mm512_setzero_ps();
+      for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(sums + m * S.N + b * ROWS, add);
+      const uint8_t* block = wp + b * S.block_bytes();
+      for (size_t i = 0; i < outliers.size();) {
+        const int32_t m = outliers[i].m, g = outliers[i].g;
+        const uint8_t* group = block + g * (S.group / STEP) * S.step_bytes();
+        const __m512 zero = codes16(zp + (b * S.G + g) * ROWS);
+        __m512 sum = _mm512_setzero_ps();
+        for (; i < outliers.size() && outliers[i].m == m && outliers[i].g == g; ++i) {
+          const Outlier& o = outliers[i];  // its code at the lane's top, then down: shifts, no mask
+          const __m512i lanes = _mm512_sll_epi32(_mm512_loadu_si512(group + o.offset), _mm_cvtsi32_si128(o.shift));
+          const __m512 codes = _mm512_cvtepi32_ps(_mm512_srli_epi32(lanes, 32 - BITS));
+          sum = _mm512_fmadd_ps(_mm512_sub_ps(codes, zero), _mm512_set1_ps(o.x), sum);
+        }
+        float* out = sums + m * S.N + b * ROWS;
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(sum, load16(sp + (b * S.G + g) * ROWS), _mm512_loadu_ps(out)));
+      }
+    }
+  });
+}
+
+// y = the integer path's sums + bias, or + extra where x has elements taken out ([M, N], theirs and
+// the bias): two instantiations, so that the common one is the plain loop.
+template <int BITS, typename Scale, bool EXTRA>
+void blocks(const QuantizedX& q, const uint8_t* wp, const Scale* sp, const uint8_t* zp, const bf16* bp, const float* ep,
+            bf16* op, int64_t M, const Shape& S) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / S.block_bytes());  // blocks per task: at least 32 KB
+  at::parallel_for(0, S.N / ROWS, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float dots[4 * ROWS];
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = wp + b * S.block_bytes();
+      const Scale* s = sp + b * S.G * ROWS;
+      const uint8_t* z = zp + b * S.G * ROWS;
+      for (int64_t m0 = 0; m0 < M;) {
+        const int rows = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;  // of x, sharing each decoded step
+        if (rows == 4) dot_block<BITS, 4>(block, s, z, q, m0, S, dots);
+        else if (rows == 2) dot_block<BITS, 2>(block, s, z, q, m0, S, dots);
+        else dot_block<BITS, 1>(block, s, z, q, m0, S, dots);
+        for (int m = 0; m < rows; ++m) {  // the bias loaded here, not held in a register through dot_block
+          __m512 plus;
+          if constexpr (EXTRA) plus = _mm512_loadu_ps(ep + (m0 + m) * S.N + b * ROWS);
+          else plus = bp ? load16(bp + b * ROWS) : _mm512_setzero_ps();
+          const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(dots + m * ROWS), plus));
+          _mm256_storeu_si256((__m256i*)(op + (m0 + m) * S.N + b * ROWS), (__m256i)y);
+        }
+        m0 += rows;
+      }
+    }
+  });
+}
+
 template <int BITS, typename Scale>
 void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zeros,
             const std::optional<at::Tensor>& bias, at::Tensor& out, const Shape& S) {
@@ -166,27 +310,10 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sca
   const uint8_t* zp = zeros.const_data_ptr<uint8_t>();
   const bf16* bp = bias.has_value() ? bias->const_data_ptr<bf16>() : nullptr;
   bf16* op = out.mutable_data_ptr<bf16>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / S.block_bytes());  // blocks per task: at least 32 KB
-  at::parallel_for(0, S.N / ROWS, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float dots[4 * ROWS];
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* block = wp + b * S.block_bytes();
-      const Scale* s = sp + b * S.G * ROWS;
-      const uint8_t* z = zp + b * S.G * ROWS;
-      const __m512 add = bp ? load16(bp + b * ROWS) : _mm512_setzero_ps();
-      for (int64_t m0 = 0; m0 < M;) {
-        const int rows = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;  // of x, sharing each decoded step
-        if (rows == 4) dot_block<BITS, 4>(block, s, z, q, m0, S, dots);
-        else if (rows == 2) dot_block<BITS, 2>(block, s, z, q, m0, S, dots);
-        else dot_block<BITS, 1>(block, s, z, q, m0, S, dots);
-        for (int m = 0; m < rows; ++m) {
-          const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(dots + m * ROWS), add));
-          _mm256_storeu_si256((__m256i*)(op + (m0 + m) * S.N + b * ROWS), (__m256i)y);
-        }
-        m0 += rows;
-      }
-    }
-  });
+  if (q.outliers.empty()) return blocks<BITS, Scale, false>(q, wp, sp, zp, bp, nullptr, op, M, S);
+  std::vector<float> extra(M * S.N);
+  outlier_sums<BITS>(wp, sp, zp, bp, q, M, S, extra.data());
+  blocks<BITS, Scale, true>(q, wp, sp, zp, bp, extra.data(), op, M, S);
 }
 
 // The layer's weights in bf16, [N, K]: (code - zero) * scale rounded once, as compressed-tensors'
@@ -246,15 +373,15 @@ Shape check(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(1) * 8 == K * bits && weight.is_contiguous(),
               "zen_woq int", bits, "_linear: weight must be contiguous uint8 [N, K * ", bits, " / 8] for K = ", K);
   TORCH_CHECK(N % ROWS == 0, "zen_woq int", bits, "_linear: out_features ", N, " is not a multiple of ", ROWS);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
-                  (K / scales.size(1)) % 16 == 0 && scales.is_contiguous(),
+  const int64_t G = scales.dim() == 2 ? scales.size(1) : 0;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && (K == 0 || (G > 0 && K % G == 0 && (K / G) % 16 == 0)) &&
+                  scales.is_contiguous(),
               "zen_woq int", bits, "_linear: scales must be contiguous [N, G] with groups a multiple of 16");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat,
               "zen_woq int", bits, "_linear: scales must be bf16 or float32");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
               "zen_woq int", bits, "_linear: zeros must be contiguous uint8 shaped like scales");
-  const int64_t G = scales.size(1);
-  return Shape{N, K, G, K / G, bits};
+  return Shape{N, K, G, G ? K / G : 0, bits};
 }
 
 template <int BITS>
@@ -266,6 +393,13 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->numel() == S.N && bias->is_contiguous()),
               "zen_woq int", BITS, "_linear: bias must be contiguous bf16 [N]");
   at::Tensor out = at::empty({x.size(0), S.N}, x.options());
+  if (S.K == 0) {  // no inputs: F.linear's zeros, plus the bias
+    const bf16* bp = bias.has_value() ? bias->const_data_ptr<bf16>() : nullptr;
+    bf16* op = out.mutable_data_ptr<bf16>();
+    for (int64_t m = 0; m < x.size(0); ++m)
+      for (int64_t n = 0; n < S.N; ++n) op[m * S.N + n] = bp ? bp[n] : bf16(0.f);
+    return out;
+  }
   if (scales.scalar_type() == at::kBFloat16) linear<BITS, bf16>(x, weight, scales, zeros, bias, out, S);
   else linear<BITS, float>(x, weight, scales, zeros, bias, out, S);
   return out;

@@ -92,6 +92,11 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const uint8_t* tp = tops.const_data_ptr<uint8_t>();
   const bf16* bp = bias.has_value() ? bias->const_data_ptr<bf16>() : nullptr;
   bf16* op = out.mutable_data_ptr<bf16>();
+  if (K == 0) {  // no inputs: F.linear's zeros, plus the bias
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) op[m * N + n] = bp ? bp[n] : bf16(0.f);
+    return out;
+  }
   const int64_t block_bytes = K / 2 * STEP_BYTES;
   const int64_t grain = std::max<int64_t>(1, 65536 / block_bytes);
   at::parallel_for(0, N / ROWS, grain, [&](int64_t begin, int64_t end) {

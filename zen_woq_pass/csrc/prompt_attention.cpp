@@ -12,7 +12,12 @@
 // Layout: per batch and kv head, keys packed [blocks of 64][D / 2][64][2] (one vector holds 16 keys'
 // pairs of dimensions) and values [keys / 2][D][2] (16 dimensions' pairs of keys). Which key a
 // query sees: ``causal`` (key j <= query i, top-left, as SDPA's is_causal) and/or a boolean mask
-// [1 or B, 1, q, keys] (true: attends). A query that sees no key gives zeros.
+// [1 or B, 1, q, keys] (true: attends). A query that sees no key gives zeros. Only keys up to the
+// last one some query sees are packed and read: a static cache's mask spans all its slots.
+//
+// NaN as SDPA: a NaN score a query sees (a NaN in its row or in a key it sees) makes its output NaN;
+// a key it does not see is never read, NaN or not (SDPA with is_causal agrees; with a boolean mask
+// it adds -inf to the NaN and gives NaN, an artefact of how it masks, not a weight).
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -22,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -33,9 +39,9 @@ constexpr int64_t QB = 32;  // queries per task
 constexpr int64_t KB = 64;  // keys per block: 4 vectors of 16
 constexpr int RB = 4;       // query rows per register tile
 
-// e^x for x <= 0 (fp32, ~1 ulp): 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2].
+// e^x for x <= 0 (fp32, ~1 ulp): 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2]; NaN stays NaN.
 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // MAXPS returns its second operand if either is NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -156,6 +162,26 @@ int64_t visible_end(const Task& t, const Shape& S, int64_t i) {
   return end;
 }
 
+// One past the last key some row of the mask sees, at most ``keys``: a scan of each row's tail back
+// to the farthest key found so far, 8 keys a load. The last rows first, as under a causal mask they
+// see farthest, so in a prompt without empty slots the other rows' scans stop at once.
+int64_t last_seen(const bool* mask, int64_t batches, int64_t batch_stride, int64_t rows, int64_t row_stride, int64_t keys) {
+  int64_t end = 0;
+  for (int64_t b = 0; b < batches; ++b) {
+    for (int64_t i = rows - 1; i >= 0 && end < keys; --i) {
+      const bool* row = mask + b * batch_stride + i * row_stride;
+      int64_t j = keys;
+      for (uint64_t word; j - 8 >= end; j -= 8) {
+        std::memcpy(&word, row + j - 8, 8);
+        if (word) break;
+      }
+      while (j > end && !row[j - 1]) --j;
+      end = j;  // row[j - 1] is its last seen key, or j == end: none past the farthest so far
+    }
+  }
+  return end;
+}
+
 void attend(const Task& t, const Shape& S, int64_t q0) {
   const int64_t rows = std::min(QB, S.Lq - q0), D = S.D;
   alignas(64) float scores[QB * KB];
@@ -181,7 +207,7 @@ void attend(const Task& t, const Shape& S, int64_t q0) {
       float* s = scores + r * KB;
       bf16* w = weights + r * KB;
       const bool* mask = t.mask ? t.mask + (q0 + r) * t.mask_stride + j0 : nullptr;
-      __mmask16 seen[4];
+      __mmask16 seen[4], nan = 0;
       __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int v = 0; v < 4; ++v) {
         const int64_t j = j0 + 16 * v, left = std::clamp<int64_t>(ends[r] - j, 0, 16);
@@ -191,13 +217,15 @@ void attend(const Task& t, const Shape& S, int64_t q0) {
         const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), m, _mm512_loadu_ps(s + 16 * v), _mm512_set1_ps(t.scale));
         _mm512_storeu_ps(s + 16 * v, x);
         best = _mm512_max_ps(best, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);  // a NaN score seen (hidden ones are -inf)
       }
-      const float next = std::max(top[r], _mm512_reduce_max_ps(best));
+      // the running max, NaN once any score seen was (max and its reduction may drop a NaN)
+      const float next = nan || std::isnan(top[r]) ? std::numeric_limits<float>::quiet_NaN() : std::max(top[r], _mm512_reduce_max_ps(best));
       if (next == -std::numeric_limits<float>::infinity()) {  // nothing seen yet
         std::memset((void*)w, 0, KB * sizeof(bf16));
         continue;
       }
-      const float rescale = std::exp(top[r] - next);
+      const float rescale = std::exp(top[r] - next);  // NaN with next: total and acc turn NaN
       __m512 sum = _mm512_setzero_ps();
       for (int v = 0; v < 4; ++v) {
         const __m512 p = _mm512_maskz_mov_ps(seen[v], exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), _mm512_set1_ps(next))));
@@ -216,7 +244,7 @@ void attend(const Task& t, const Shape& S, int64_t q0) {
   }
   for (int64_t r = 0; r < rows; ++r) {
     bf16* o = t.out + (q0 + r) * t.out_stride;
-    const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+    const float inv = total[r] > 0.0f || std::isnan(total[r]) ? 1.0f / total[r] : 0.0f;  // 0: saw nothing
     for (int64_t d = 0; d < D; d += 16) {
       const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), _mm512_set1_ps(inv));
       _mm256_storeu_si256((__m256i*)(o + d), (__m256i)_mm512_cvtneps_pbh(y));
@@ -246,6 +274,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mask_stride = mask->stride(2);
   }
   if (causal) S.keys = std::min(S.Lk, S.Lq);
+  if (mp) S.keys = last_seen(mp, mask->size(0), mask_batch_stride, S.Lq, mask_stride, S.keys);
   at::Tensor out = at::empty({S.B, S.Lq, S.H, S.D}, q.options());
   if (S.keys == 0 || S.Lq == 0) return out.zero_();
   const int64_t padded = (S.keys + KB - 1) / KB * KB;

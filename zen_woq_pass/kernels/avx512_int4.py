@@ -6,7 +6,11 @@ reads its weights well below the memory bandwidth (``benchmarks/kernel_rounds.py
 1.8-2.4x faster); zentorch's is wrong on some CPUs. This one multiplies the 4-bit codes as they lie in memory with VPDPBUSD (64 per
 instruction), x written per group as 15-bit integers times a power of two: exact for every bf16
 element within 2^7 of its group's largest, the rest rounded to 2^-14 of that group's scale; the
-sums are exact integers per group, fp32 across groups, rounded once to bf16.
+sums are exact integers per group, fp32 across groups, rounded once to bf16. A group's few
+outliers (LLMs' massive activations, 10^3-10^4 x the median) would leave the rest about 4 bits:
+where at most 1 in 8 of its elements (2 of 16) lie within 2^7 of its largest and smaller nonzero
+ones remain, those are taken out, tier by tier, and added exactly from their weight columns, and
+the rest is written at its own scale: outliers stay within the bf16 bound (:mod:`numerics`).
 
 Packing (this module, at compile time): codes ``q + 8`` (0..15) in the C++ source's layout (blocks
 of 16 output rows, 64 bytes per 8 inputs), ``scales`` as the checkpoint holds them (bf16 or fp32)
@@ -15,7 +19,7 @@ blocks of 16 rows. Groups must be multiples of 16 (channel-wise included), out_f
 of 16; activations bf16.
 
 For many rows the layer's weights are dequantized to bf16 per call (no copy held) for a dense
-GEMM, where measured faster (:mod:`zen_woq_pass.prefill`).
+GEMM, by the rule of :mod:`zen_woq_pass.prefill`.
 """
 
 from __future__ import annotations
@@ -63,16 +67,14 @@ def _linear(op, x, weight, scales, zeros, bias):
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _linear_by_rows(name, op, dequantize, x, weight, scales, zeros, bias):
+def _linear_by_rows(op, dequantize, x, weight, scales, zeros, bias):
     rows, bias = _rows(x), _bf16(bias)
-    n, k = weight.shape[0], rows.shape[1]
     y = prefill.linear(
         rows,
-        (name, n, k, k // scales.shape[1]),
         lambda: op(rows, weight, scales, zeros, bias),
         lambda: torch.nn.functional.linear(rows, dequantize(weight, scales, zeros), bias),
     )
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def avx512_int4_linear(x, weight, scales, zeros, bias):
@@ -81,9 +83,9 @@ def avx512_int4_linear(x, weight, scales, zeros, bias):
 
 
 def avx512_int4_linear_by_rows(x, weight, scales, zeros, bias):
-    """The same, with many rows through a dense GEMM where that was measured faster."""
+    """The same, with many rows through a dense GEMM by the prompt-row rule."""
     ops = torch.ops.zen_woq_native
-    return _linear_by_rows("avx512-int4", ops.int4_linear, ops.int4_dequantize, x, weight, scales, zeros, bias)
+    return _linear_by_rows(ops.int4_linear, ops.int4_dequantize, x, weight, scales, zeros, bias)
 
 
 def avx512_int8_linear(x, weight, scales, zeros, bias):
@@ -92,12 +94,13 @@ def avx512_int8_linear(x, weight, scales, zeros, bias):
 
 def avx512_int8_linear_by_rows(x, weight, scales, zeros, bias):
     ops = torch.ops.zen_woq_native
-    return _linear_by_rows("avx512-int8", ops.int8_linear, ops.int8_dequantize, x, weight, scales, zeros, bias)
+    return _linear_by_rows(ops.int8_linear, ops.int8_dequantize, x, weight, scales, zeros, bias)
 
 
 class Avx512Int4Kernel(Kernel):
     name = "avx512-int4"
     bits = 4
+    rounds_activations = True  # x as 15-bit integers per group
 
     def platform_reason(self, forced: bool) -> str | None:
         return native.unavailable_reason()

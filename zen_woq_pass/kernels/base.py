@@ -34,6 +34,9 @@ class Kernel(abc.ABC):
     eager_target: Callable[..., Any] | None = None
     # whether the constants may be copied elsewhere after packing (zen_woq_pass.huge_pages)
     constants_movable: bool = True
+    # whether it rounds the activations (to integers per group): the self-check then also probes
+    # outlier activations, which such a rounding must survive (zen_woq_pass.selfcheck)
+    rounds_activations: bool = False
 
     @abc.abstractmethod
     def arguments(self, x, constants: dict, bias) -> tuple:

@@ -13,11 +13,12 @@ finer allowed size by repeating its scales, which is exact.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import lowering
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
 
 from zen_woq_pass import eligibility, prefill
 from zen_woq_pass.kernels import int4pack_layout
@@ -45,6 +46,10 @@ class _CalledAsIs(CustomGraphPass):
         return "zen_woq: aten._weight_int4pack_mm_for_cpu called as is, v1"
 
 
+# Inductor's lowering table is global: one swap at a time, Inductor's own lowering back after each
+_swapping = threading.RLock()
+
+
 @contextlib.contextmanager
 def called_as_is_by_inductor():
     """While compiling a decoder layer apart: aten's int4 op an opaque call with its int group size.
@@ -53,24 +58,28 @@ def called_as_is_by_inductor():
     compiles apart then passes wrongly ("group size must be a scalar"). Called as is, as Inductor
     calls an op it has no lowering for, the compiled layer decoded SmolLM2 as fast as the step
     compiled whole, for half its cold compile (Zen 4). Inductor's own lowering is back after; what
-    was compiled meanwhile is cached under keys of its own (``_CalledAsIs``)."""
+    was compiled meanwhile is cached under keys of its own (``_CalledAsIs``, after a user's own
+    ``post_grad_custom_pre_pass``, which still runs). Inductor's lowering table is global, so the
+    swap holds a lock: a second thread waits rather than save and then restore the swapped
+    lowering."""
     op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-    own = lowering.lowerings.get(op)
-    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
-    marked = inductor_config.post_grad_custom_pre_pass is None  # a user's own pass is left alone
-    try:
-        with inductor_config.patch(post_grad_custom_pre_pass=_CalledAsIs()) if marked else contextlib.nullcontext():
-            yield
-    finally:
-        if own is None:
-            del lowering.lowerings[op]
-        else:
-            lowering.lowerings[op] = own
+    with _swapping:
+        own = lowering.lowerings.get(op)
+        lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+        passes = (*get_custom_graph_passes(inductor_config.post_grad_custom_pre_pass), _CalledAsIs())
+        try:
+            with inductor_config.patch(post_grad_custom_pre_pass=passes):
+                yield
+        finally:
+            if own is None:
+                del lowering.lowerings[op]
+            else:
+                lowering.lowerings[op] = own
 
 
 def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None, by_rows: bool = False):
     """x [..., K] -> [..., N]; weight uint8 [N, K/2] packed here; scales_and_zeros [G, N, 2].
-    ``by_rows``: many rows may take a dense GEMM where measured faster (:mod:`zen_woq_pass.prefill`)."""
+    ``by_rows``: many rows may take a dense GEMM (the rule of :mod:`zen_woq_pass.prefill`)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     group_size = x.shape[-1] // scales_and_zeros.shape[0]
 
@@ -79,7 +88,7 @@ def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: tor
 
     if by_rows:
         dense = (lambda: int4pack_layout.dense_linear(rows, weight, scales_and_zeros)) if int4pack_layout.decoded_here() else None
-        y = prefill.linear(rows, ("aten-int4", weight.shape[0], rows.shape[1], group_size), kernel, dense)
+        y = prefill.linear(rows, kernel, dense)
     else:
         y = kernel()
     if bias is not None:
