@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
-from zen_woq_pass import attention, layer_regions, native, rewrite
+from zen_woq_pass import attention, layer_regions, native
 from zen_woq_pass.backend import zen_woq
 from zen_woq_pass.kernels import int4pack
 
@@ -69,7 +69,6 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
     if model.config._attn_implementation == attention.NAME:
         logger.info("zen_woq: decode step: one query's attention as tensor math (%s)", attention.NAME)
-    rewrite.remember_model(model)  # the step's report lists the layers it calls (planned by optimize)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
     one_graph = bool(backend_options.get("cpp_wrapper"))

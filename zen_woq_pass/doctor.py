@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from zen_woq_pass import native, platform, prefill
+from zen_woq_pass import gemv, platform, prefill
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.probe import packed_linear
 from zen_woq_pass.report import DEFAULT_PATH, last_report
@@ -50,8 +50,7 @@ def report() -> tuple[list[str], str]:
     auto = probe("auto")
     lines.append("rules        : by the CPU and the call's shape, never by a clock (same input, same bits; `zen-woq measure` times them here)")
     lines.append(f"  4-bit kernel: the first of {', '.join(k.name for k in CHAIN)} that passes")
-    head = "torch.mv" if native.unavailable_reason() else "packed-bf16 where the weight packs, else torch.mv"
-    lines.append(f"  dense head  : {head} at one row, F.linear for more")
+    lines.append(f"  dense head  : {gemv.rule()}")
     lines.append(f"  prompt rows : {prefill.rule()}")
     if auto.kernel == DEFAULT_PATH:
         return lines, f"NO 4-bit kernel works here ({auto.reason}): layers stay on Inductor's default path."

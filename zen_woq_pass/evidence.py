@@ -22,9 +22,9 @@ from unittest import mock
 
 import torch
 
-from zen_woq_pass import convert, native, prefill
+from zen_woq_pass import convert, gemv, prefill
 from zen_woq_pass.kernels import CHAIN, DENSE, packed_bf16
-from zen_woq_pass.measure import read_bandwidth_gbs
+from zen_woq_pass.measure import best_ms_from_memory, read_bandwidth_gbs
 from zen_woq_pass.options import Options
 from zen_woq_pass.probe import packed_linear
 
@@ -96,7 +96,7 @@ def prompt_rows(out_features: int, in_features: int, group_size: int, rows: int)
 
     def dense():
         with mock.patch.object(prefill, "takes_dense", lambda rows: True):  # that path, whatever the rule
-            return kernel.eager_target(*kernel.arguments(x, constants, None))
+            return kernel.run_eager(x, constants, None)
 
     measured = taking_turns({f"{name} kernel": lambda: kernel.run(x, constants, None), "dequantize + GEMM": dense}, rounds=5)
     threshold = prefill.dense_min_rows()
@@ -106,12 +106,10 @@ def prompt_rows(out_features: int, in_features: int, group_size: int, rows: int)
 
 def head(out_features: int = 49152, in_features: int = 576) -> str:
     """The dense head's rule at one row, from memory, on a packable random weight of this shape."""
-    from zen_woq_pass.measure import best_ms_from_memory
-
     weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16)
     x = torch.randn(1, in_features).to(torch.bfloat16)
     ways = {"F.linear": lambda: torch.nn.functional.linear(x, weight), "torch.mv": lambda: torch.mv(weight, x[0])}
-    why_not = native.unavailable_reason() or packed_bf16.why_not(weight)
+    why_not = gemv.why_not_packed(weight)
     if why_not is None:
         packed, tops = packed_bf16.pack(weight)
         ways["packed-bf16"] = lambda: torch.ops.zen_woq_native.packed_bf16_linear(x, packed, tops, None)

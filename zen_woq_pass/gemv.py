@@ -115,6 +115,17 @@ def _is_plain_dense(module: torch.nn.Module) -> bool:
     )
 
 
+def why_not_packed(weight: torch.Tensor) -> str | None:
+    """Why the rule does not give this weight the packed-bf16 kernel (None: it does)."""
+    return native.unavailable_reason() or packed_bf16.why_not(weight)
+
+
+def rule() -> str:
+    """The rule in force here, in words (``zen-woq doctor``)."""
+    packed = "torch.mv" if native.unavailable_reason() else "packed-bf16 where the weight packs, else torch.mv"
+    return f"{packed} at one row, F.linear for more"
+
+
 def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     """Switch every plain dense Linear to its one-row path by the rule above; one sentence per
     layer saying which and why."""
@@ -122,12 +133,12 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
     for name, module in model.named_modules():
         if not _is_plain_dense(module):
             continue
-        why_not_packed = native.unavailable_reason() or packed_bf16.why_not(module.weight)
+        why_not = why_not_packed(module.weight)
         out_features, in_features = module.weight.shape
         note = f"{name} {out_features}x{in_features} {str(module.weight.dtype).removeprefix('torch.')}, not quantized: "
-        if why_not_packed:
+        if why_not:
             module.__class__ = _gemv_class(type(module))
-            note += f"torch.mv at one row, F.linear above (packed-bf16 not used: {why_not_packed})"
+            note += f"torch.mv at one row, F.linear above (packed-bf16 not used: {why_not})"
         else:
             use_packed_bf16(module, *packed_bf16.pack(module.weight))
             note += (

@@ -64,7 +64,7 @@ def _check(kernel, layer, weights, constants, bias) -> str | None:
         probes.append((2, kernel.run, _with_outliers(torch.randn(2, layer.in_features, generator=generator), exact_weight)))
     if kernel.eager_target is not None and prefill.dense_min_rows() is not None:
         rows = prefill.dense_min_rows()
-        probes.append((rows, lambda x, constants, bias: kernel.eager_target(*kernel.arguments(x, constants, bias)), torch.randn(rows, layer.in_features, generator=generator)))
+        probes.append((rows, kernel.run_eager, torch.randn(rows, layer.in_features, generator=generator)))
     for rows, run, x in probes:
         x = x.to(layer.activation_dtype)
         try:

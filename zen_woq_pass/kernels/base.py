@@ -45,5 +45,9 @@ class Kernel(abc.ABC):
     def run(self, x: torch.Tensor, constants: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         return self.target(*self.arguments(x, constants, bias))
 
+    def run_eager(self, x: torch.Tensor, constants: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """The call a converted module makes outside a compile (many rows may take a dense GEMM)."""
+        return (self.eager_target or self.target)(*self.arguments(x, constants, bias))
+
     def emit(self, graph: fx.Graph, x: fx.Node, constants: dict[str, fx.Node], bias: fx.Node | None) -> fx.Node:
         return graph.call_function(self.target, self.arguments(x, constants, bias))
