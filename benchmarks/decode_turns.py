@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vs_llamacpp import PROMPT, llama, llama_greedy, llama_timing, machine
 
 import zen_woq_pass
-from zen_woq_pass import quality, smollm2
-from zen_woq_pass.measure import greedy, time_generation
+from zen_woq_pass.models import quality, smollm2
+from zen_woq_pass.models.measure import greedy, time_generation
 
 # label -> optimize's keywords
 ZEN_WOQ = {
@@ -71,6 +71,7 @@ def _engine(label: str, threads: int, new: int) -> None:
 
         def decode():
             return time_generation(model, prompt, new, runs=1).decode_tokens_per_s
+
     print(f"ready {time.perf_counter() - start:.1f} {note}", flush=True)
     for _ in sys.stdin:
         rate = decode()  # None where the decode beat time_generation's timer floor
@@ -109,8 +110,10 @@ def main(argv=None) -> int:
         child.wait()
 
     base = next(iter(speeds.values()))  # llama.cpp's
-    print(f"# {info['cpu']}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s; "
-          f"load average {info['load average']:.1f} at the start; torch {info['versions']['torch']}")
+    print(
+        f"# {info['cpu']}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s; "
+        f"load average {info['load average']:.1f} at the start; torch {info['versions']['torch']}"
+    )
     print(f"decode tok/s, {args.new_tokens} tokens after a {PROMPT}-token prompt, {args.threads} threads, {args.turns} turns")
     print("| engine | median tok/s | median ratio to llama.cpp | all turns |")
     print("|---|---|---|---|")

@@ -25,9 +25,9 @@ import time
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import plan, platform
-from zen_woq_pass.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
-from zen_woq_pass.testing import Recipe, make_checkpoint
+from zen_woq_pass.models.measure import greedy, linear_weight_bytes, read_bandwidth_gbs, time_generation
+from zen_woq_pass.models.testing import Recipe, make_checkpoint
+from zen_woq_pass.planning import plan, platform
 
 BOUND_ROUNDS = 7
 
@@ -84,8 +84,10 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     cpu = platform.cpu_info()
-    print(f"# {cpu.model_name} ({cpu.zen_generation}), {torch.get_num_threads()} threads; zentorch WOQ here: "
-          f"{platform.zentorch_cpu_reason() or 'supported'}")
+    print(
+        f"# {cpu.model_name} ({cpu.zen_generation}), {torch.get_num_threads()} threads; zentorch WOQ here: "
+        f"{platform.zentorch_cpu_reason() or 'supported'}"
+    )
     recipe = Recipe(hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers, algorithm="rtn")
     ids = torch.randint(3, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     rows = []
@@ -115,15 +117,28 @@ def main(argv=None):
                 four_bit_mb = rows[-1]["kernel constants MB"]
             del model
     bandwidths = [gbs for row in rows for _, gbs in row["decode ms/token and GB/s, by round"]]
-    print(f"# read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (2 threads, 2 MB pages, probed before and "
-          f"after each of {BOUND_ROUNDS} generates a row); 4-bit weights {four_bit_mb:.0f} MB, the bound "
-          f"{four_bit_mb / max(bandwidths):.2f}-{four_bit_mb / min(bandwidths):.2f} ms/token (the lm_head and embedding not counted)")
+    print(
+        f"# read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (2 threads, 2 MB pages, probed before and "
+        f"after each of {BOUND_ROUNDS} generates a row); 4-bit weights {four_bit_mb:.0f} MB, the bound "
+        f"{four_bit_mb / max(bandwidths):.2f}-{four_bit_mb / min(bandwidths):.2f} ms/token (the lm_head and embedding not counted)"
+    )
     for row in rows:  # the median over rounds of the bound of each round's minute over its decode
         row["% of 4-bit bound"] = statistics.median(100 * four_bit_mb / gbs / ms for ms, gbs in row["decode ms/token and GB/s, by round"])
     base = rows[0]
-    print(f"# {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens; layers per kernel: {reports}\n")
-    columns = ["first generate s", "first-call overhead s", "TTFT ms", "decode ms/token", "decode tok/s", "% of 4-bit bound", "linear weights MB", "kernel constants MB"]
+    print(
+        f"# {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; prompt {args.prompt}, "
+        f"{args.new_tokens} new tokens; layers per kernel: {reports}\n"
+    )
+    columns = [
+        "first generate s",
+        "first-call overhead s",
+        "TTFT ms",
+        "decode ms/token",
+        "decode tok/s",
+        "% of 4-bit bound",
+        "linear weights MB",
+        "kernel constants MB",
+    ]
     print("| path | " + " | ".join(columns) + " | decode speed-up | same tokens |")
     print("|---" * (len(columns) + 3) + "|")
     for row in rows:

@@ -17,9 +17,9 @@ import argparse
 
 import torch
 
-from zen_woq_pass import native
+from zen_woq_pass.kernels import native
 from zen_woq_pass.kernels.avx512_int4 import by_block, pack_codes
-from zen_woq_pass.measure import best_ms
+from zen_woq_pass.models.measure import best_ms
 
 ROUNDS = 50  # best of
 MODELS = {  # name: (layers, [(out_features, in_features, group)])
@@ -62,7 +62,10 @@ def main() -> None:
             ours = best_ms(lambda: [torch.ops.zen_woq_native.int4_linear(xs[k], *layer["ours"], None) for k, layer in layers], ROUNDS, 3)
             aten = best_ms(lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[k], *layer["aten"]) for k, layer in layers], ROUNDS, 3)
             dense = best_ms(lambda: [torch.nn.functional.linear(xs[k], layer["dense"]) for k, layer in layers[: len(shapes)]], ROUNDS, 3) * count
-            print(f"| {name} ({len(layers)} calls, {megabytes:.0f} MB) | {rows} | {ours:.2f} ({megabytes / ours:.0f} GB/s) | {aten:.2f} | x{aten / ours:.2f} | {dense:.1f} |", flush=True)
+            print(
+                f"| {name} ({len(layers)} calls, {megabytes:.0f} MB) | {rows} | {ours:.2f} ({megabytes / ours:.0f} GB/s) | {aten:.2f} | x{aten / ours:.2f} | {dense:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

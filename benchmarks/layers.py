@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import zen_woq_pass
-from zen_woq_pass import platform
 from zen_woq_pass.kernels import CHAIN
-from zen_woq_pass.measure import median_ms, read_bandwidth_gbs
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.models.measure import median_ms, read_bandwidth_gbs
+from zen_woq_pass.models.probe import packed_linear
+from zen_woq_pass.planning import platform
 
 SHAPES = {  # name: (out_features, in_features), Llama-3-8B
     "q_proj": (4096, 4096),

@@ -33,7 +33,7 @@ def head_table(threads: int) -> str:
     import torch
     import torch.nn.functional as F
 
-    from zen_woq_pass.measure import best_ms, median_ms
+    from zen_woq_pass.models.measure import best_ms, median_ms
 
     torch.set_num_threads(threads)
     n, k = 49152, 576
@@ -62,7 +62,7 @@ def step_child(variant: str, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import zen_woq_pass
-    from zen_woq_pass import smollm2
+    from zen_woq_pass.models import smollm2
 
     torch.set_num_threads(threads)
     fuse, mv_head = VARIANTS[variant]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args.variant:
         print(json.dumps(step_child(args.variant, args.threads)))
         return 0
-    from zen_woq_pass import platform
+    from zen_woq_pass.planning import platform
 
     print(f"CPU: {platform.cpu_info().model_name}; torch threads {args.threads}\n")
     print(head_table(args.threads) + "\n")

@@ -18,9 +18,9 @@ import tempfile
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import platform
-from zen_woq_pass.measure import greedy, time_generation
-from zen_woq_pass.testing import Recipe, make_checkpoint
+from zen_woq_pass.models.measure import greedy, time_generation
+from zen_woq_pass.models.testing import Recipe, make_checkpoint
+from zen_woq_pass.planning import platform
 
 # W4A16 in groups of 8: a real llmcompressor checkpoint that aten-int4 refuses (groups must be multiples
 # of 32) and that zentorch takes only where its gate says yes; elsewhere it is folded dense.

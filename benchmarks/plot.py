@@ -1,6 +1,6 @@
 """Plot the benchmarks' JSON results into one PNG for the README.
 
-    python benchmarks/plot.py layers.json end_to_end.json benchmarks/results.png
+python benchmarks/plot.py layers.json end_to_end.json benchmarks/results.png
 """
 
 from __future__ import annotations

@@ -45,20 +45,16 @@ ENGINES = {
     "zen_woq-auto": ("zen_woq auto, W4A16 RTN", "w4a16-rtn", "auto"),
     "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
-    "zen_woq-auto-int4-head": ("zen_woq auto + lm_head=\"int4\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+int4-head"),
-    "zen_woq-auto-compiled": (
-        "zen_woq auto + compile=True (decode step, each layer compiled once), W4A16 RTN", "w4a16-rtn", "auto+compile"
-    ),
-    "zen_woq-auto-compiled-warm": (
-        "zen_woq auto + compile=True, a second process (the row above's caches)", "w4a16-rtn", "auto+compile"
-    ),
+    "zen_woq-auto-int4-head": ('zen_woq auto + lm_head="int4" (opt-in), W4A16 RTN', "w4a16-rtn", "auto+int4-head"),
+    "zen_woq-auto-compiled": ("zen_woq auto + compile=True (decode step, each layer compiled once), W4A16 RTN", "w4a16-rtn", "auto+compile"),
+    "zen_woq-auto-compiled-warm": ("zen_woq auto + compile=True, a second process (the row above's caches)", "w4a16-rtn", "auto+compile"),
     "zen_woq-auto-compiled-one-graph": (
-        "zen_woq auto + compile=True, cpp_wrapper=True (the step as one graph, from C++)", "w4a16-rtn", "auto+compile+cpp-wrapper"
+        "zen_woq auto + compile=True, cpp_wrapper=True (the step as one graph, from C++)",
+        "w4a16-rtn",
+        "auto+compile+cpp-wrapper",
     ),
     "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
-    "zen_woq-auto-compiled-int8-head": (
-        "zen_woq auto + compile=True + lm_head=\"int8\" (opt-in), W4A16 RTN", "w4a16-rtn", "auto+compile+int8-head"
-    ),
+    "zen_woq-auto-compiled-int8-head": ('zen_woq auto + compile=True + lm_head="int8" (opt-in), W4A16 RTN', "w4a16-rtn", "auto+compile+int8-head"),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
@@ -174,8 +170,8 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     from transformers import AutoModelForCausalLM
 
     import zen_woq_pass
-    from zen_woq_pass import quality
-    from zen_woq_pass.measure import greedy, median_ms, time_generation
+    from zen_woq_pass.models import quality
+    from zen_woq_pass.models.measure import greedy, median_ms, time_generation
 
     torch.set_num_threads(setup["threads"])
     ids = torch.tensor([setup["ids"]])
@@ -222,7 +218,7 @@ def run_engine(engine: str, work: Path, extra_bufts: bool) -> dict:
         row, logits = torch_row(setup, variant, how)
     import torch
 
-    from zen_woq_pass import quality
+    from zen_woq_pass.models import quality
 
     targets = quality.window_targets(torch.tensor([setup["ids"]]), WINDOW)
     row["perplexity"] = quality.perplexity_from_logits(logits, targets)
@@ -258,8 +254,8 @@ def machine(threads: int) -> dict:
     """CPU, the ISA flags that matter here, versions, and the read bandwidth measured now."""
     import torch
 
-    from zen_woq_pass import platform
-    from zen_woq_pass.measure import read_bandwidth_gbs
+    from zen_woq_pass.models.measure import read_bandwidth_gbs
+    from zen_woq_pass.planning import platform
 
     torch.set_num_threads(threads)
     cpu = platform.cpu_info()
@@ -269,8 +265,11 @@ def machine(threads: int) -> dict:
     return {
         "cpu": f"{cpu.model_name} ({cpu.vendor}, family {cpu.family} model {cpu.model})",
         "flags": {flag: flag in cpu.flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
-        "threads": threads, "versions": versions, "read GB/s": read_bandwidth_gbs(),
-        "zentorch": platform.zentorch_cpu_reason() or "supported", "load average": os.getloadavg()[0],
+        "threads": threads,
+        "versions": versions,
+        "read GB/s": read_bandwidth_gbs(),
+        "zentorch": platform.zentorch_cpu_reason() or "supported",
+        "load average": os.getloadavg()[0],
     }
 
 
@@ -353,7 +352,7 @@ def main(argv=None) -> int:
         return 0
     from transformers import AutoTokenizer
 
-    from zen_woq_pass import quality, smollm2
+    from zen_woq_pass.models import quality, smollm2
 
     info = machine(args.threads)
     engines = [e for e in ENGINES if "gptq" not in e or args.gptq]
@@ -370,8 +369,13 @@ def main(argv=None) -> int:
     ppl_tokens = 2048 if args.quick else 4096
     ids = AutoTokenizer.from_pretrained(checkpoints["dense"])(quality.evaluation_text()).input_ids[:ppl_tokens]
     setup = {
-        "threads": args.threads, "new_tokens": 8 if args.quick else 64, "ppl_tokens": ppl_tokens,
-        "long_prompt": not args.quick, "gguf": str(smollm2.gguf_path()), "checkpoints": checkpoints, "ids": ids,
+        "threads": args.threads,
+        "new_tokens": 8 if args.quick else 64,
+        "ppl_tokens": ppl_tokens,
+        "long_prompt": not args.quick,
+        "gguf": str(smollm2.gguf_path()),
+        "checkpoints": checkpoints,
+        "ids": ids,
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="vs_llamacpp-") as scratch:

@@ -10,9 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from zen_woq_pass.testing import Recipe, make_checkpoint
+from zen_woq_pass.models.testing import Recipe, make_checkpoint
 
-TARGET = Path(__file__).resolve().parent.parent / "zen_woq_pass" / "default_model"
+TARGET = Path(__file__).resolve().parent.parent / "zen_woq_pass" / "models" / "default_model"
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ Needs the notebook extra and the real model's GGUF (no download beyond PyPI):
 3. read the per-layer report,
 4. chat, beside transformers' own (decompressed, dense) model,
 5. plot decode tokens/s and memory."""),
-    code("""import torch
-import matplotlib.pyplot as plt
+    code("""import matplotlib.pyplot as plt
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zen_woq_pass
-from zen_woq_pass import measure, platform, smollm2
+from zen_woq_pass.models import measure, smollm2
+from zen_woq_pass.planning import platform
 
 cpu = platform.cpu_info()
 print(cpu.model_name, "|", cpu.zen_generation, "| zentorch WOQ:", platform.zentorch_cpu_reason() or "supported")"""),

@@ -8,7 +8,7 @@ op checkable there. Where the gate says yes (Zen 4), the tests run ZenDNN's defa
 path users and the benchmarks run.
 
 Tolerances used across the suite:
-- one layer: ``zen_woq_pass.numerics.error_bound`` (2**-7 of |x| @ |W|.T + |b|, from bf16 rounding);
+- one layer: ``zen_woq_pass.planning.numerics.error_bound`` (2**-7 of |x| @ |W|.T + |b|, from bf16 rounding);
 - a whole model: SQNR against the fp32 dequantized reference at least ``MODEL_SQNR_DB`` and no more
   than ``MODEL_SQNR_SLACK_DB`` below what the eager bf16 compressed-tensors model itself reaches;
 - a converted layer of a real checkpoint on a prompt's rows, either prefill path: SQNR at least
@@ -18,7 +18,7 @@ Tolerances used across the suite:
 import os
 from pathlib import Path
 
-from zen_woq_pass import platform  # does not import zentorch
+from zen_woq_pass.planning import platform  # does not import zentorch
 
 if platform.zentorch_cpu_reason() is not None:
     os.environ.setdefault("ZENDNNL_MATMUL_ALGO", platform.ZENDNN_REFERENCE_ALGO)
@@ -26,7 +26,7 @@ if platform.zentorch_cpu_reason() is not None:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from zen_woq_pass.testing import Recipe, make_checkpoint  # noqa: E402
+from zen_woq_pass.models.testing import Recipe, make_checkpoint  # noqa: E402
 
 MODEL_SQNR_DB = 35.0
 MODEL_SQNR_SLACK_DB = 3.0

@@ -4,9 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zen_woq_pass
-from zen_woq_pass import native, platform
-from zen_woq_pass.measure import compare_greedy
-from zen_woq_pass.numerics import sqnr_db
+from zen_woq_pass.kernels import native
+from zen_woq_pass.models.measure import compare_greedy
+from zen_woq_pass.planning import platform
+from zen_woq_pass.planning.numerics import sqnr_db
 
 # kernel -> a fragment of the call its layers become in a graph (rewritten, or traced from optimize)
 KERNEL_CALLS = {"zentorch": "zentorch_woq_linear", "aten-int4": "int4pack", "avx512-int4": "int4_linear"}
@@ -17,6 +18,7 @@ def four_bit_kernels_here(zentorch: bool = True) -> set[str]:
     """The 4-bit kernels whose CPU gate says yes here (``zentorch=False``: as if it were missing)."""
     here = {"aten-int4"} | ({"avx512-int4"} if native.unavailable_reason() is None else set())
     return here | ({"zentorch"} if zentorch and platform.zentorch_cpu_reason() is None else set())
+
 
 INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 NEW_TOKENS = 32
@@ -56,7 +58,7 @@ def assert_rows_follow_the_rule(layer, reference, kernel_call, dense_call, layer
     """``layer`` (a converted Linear) on both sides of the prompt-row threshold: each call the path
     the rule names for its rows (``kernel_call(x)`` or ``dense_call(x)``, x [M, K]) bit for bit, the
     same bits on a first and a second call, within ``layer_sqnr_db`` of the fp32 ``reference``."""
-    from zen_woq_pass import prefill
+    from zen_woq_pass.planning import prefill
 
     threshold = prefill.dense_min_rows() or prefill.DENSE_MIN_ROWS
     for rows in (1, threshold - 1, threshold, 200):
@@ -88,8 +90,8 @@ def count(report, fragment: str) -> int:
 
 def rewritten_graphs(model, options=None, input_ids=INPUT_IDS) -> list:
     """The graphs the pass hands to Inductor, for tests that read node arguments."""
-    from zen_woq_pass.options import Options
-    from zen_woq_pass.rewrite import rewrite
+    from zen_woq_pass.graph.rewrite import rewrite
+    from zen_woq_pass.planning.options import Options
 
     graphs = []
 

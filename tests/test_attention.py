@@ -13,8 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import zen_woq_pass
-from zen_woq_pass import attention, native
-from zen_woq_pass.report import Report
+from zen_woq_pass.kernels import native
+from zen_woq_pass.planning.report import Report
+from zen_woq_pass.runtime import attention
 
 MODULE = types.SimpleNamespace(training=False, num_key_value_groups=3, is_causal=True)
 needs_the_kernel = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"prompt attention: {native.unavailable_reason()}")

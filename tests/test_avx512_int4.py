@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import ct_format, native, numerics, prefill
-from zen_woq_pass.kernels import KERNELS
-from zen_woq_pass.layer import QuantizedWeights
-from zen_woq_pass.numerics import sqnr_db
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.graph.layer import QuantizedWeights
+from zen_woq_pass.kernels import KERNELS, native
+from zen_woq_pass.planning import numerics, prefill
+from zen_woq_pass.planning.numerics import sqnr_db
 
 from conftest import LAYER_SQNR_DB, MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import (
@@ -289,7 +290,7 @@ def test_forced_it_takes_every_layer_of_a_real_checkpoint_in_a_compiled_graph(ch
 
 @needs_the_kernel
 def test_auto_tries_it():
-    assert KERNEL in zen_woq_pass.options.Options().kernels
+    assert KERNEL in zen_woq_pass.planning.options.Options().kernels
 
 
 @needs_the_kernel

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zen_woq_pass import ct_format
-from zen_woq_pass.keep_compressed import keep_compressed
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.graph.keep_compressed import keep_compressed
+from zen_woq_pass.models.probe import packed_linear
 
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load, run_compiled

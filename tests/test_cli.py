@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from zen_woq_pass import prefill, smollm2
-from zen_woq_pass.cli import default_model_dir
+from zen_woq_pass.cli.main import default_model_dir
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.models import smollm2
+from zen_woq_pass.planning import prefill
 
 from helpers import four_bit_kernels_here
 

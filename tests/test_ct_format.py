@@ -6,7 +6,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 
-from zen_woq_pass import ct_format
+from zen_woq_pass.graph import ct_format
 
 
 def test_golden_bits():
@@ -41,9 +41,7 @@ def test_dequantize_is_bit_exact_with_compressed_tensors(group_size, symmetric):
     q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     scale = (torch.rand(n, groups) * 0.1).to(torch.bfloat16)
     zp = None if symmetric else torch.randint(-8, 8, (n, groups), dtype=torch.int8)
-    args = QuantizationArgs(
-        num_bits=4, symmetric=symmetric, strategy="channel" if group_size is None else "group", group_size=group_size
-    )
+    args = QuantizationArgs(num_bits=4, symmetric=symmetric, strategy="channel" if group_size is None else "group", group_size=group_size)
     assert torch.equal(ct_format.dequantize(q, scale, zp), ct_dequantize(q, scale, zp, args=args))
 
 

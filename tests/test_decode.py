@@ -11,8 +11,9 @@ from torch._inductor.utils import run_and_get_code
 from transformers.generation.configuration_utils import CompileConfig
 
 import zen_woq_pass
-from zen_woq_pass import gemv, native
-from zen_woq_pass.measure import greedy
+from zen_woq_pass.kernels import native
+from zen_woq_pass.models.measure import greedy
+from zen_woq_pass.runtime import gemv
 
 from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, load, load_reference
 

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from zen_woq_pass import eligibility
+from zen_woq_pass.graph.layer import FAKE_QUANT, PACKED, QuantizedLinear
 from zen_woq_pass.kernels import KERNELS
-from zen_woq_pass.layer import FAKE_QUANT, PACKED, QuantizedLinear
+from zen_woq_pass.planning import eligibility
 
 pytestmark = pytest.mark.library_independent
 

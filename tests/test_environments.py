@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import native, platform
-from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.kernels import CHAIN, native
+from zen_woq_pass.planning import platform
 
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import INPUT_IDS, assert_close_to_reference, four_bit_kernels_here, fp32_reference, load, run_compiled
@@ -24,7 +24,7 @@ def test_without_zentorch_auto_uses_another_4_bit_kernel_and_doctor_says_why(che
         import sys
         sys.modules["zentorch"] = None  # as if not installed: importing it raises ImportError
         import torch, zen_woq_pass
-        from zen_woq_pass import doctor
+        from zen_woq_pass.cli import doctor
         from transformers import AutoModelForCausalLM
         def load():
             path = {str(checkpoints("llama_sym_g128"))!r}
@@ -69,7 +69,9 @@ def test_other_model_dtypes_skip_zentorch_and_stay_correct(checkpoints, dtype):
     torch._dynamo.reset()
     forced = run_compiled(load(path, dtype=dtype), {"kernel": "zentorch"})  # a fresh model: the first is converted
     gate = platform.zentorch_cpu_reason()  # forced, the CPU gate still speaks first where it says no
-    expected = f"zentorch: {gate}" if gate and not platform.zendnn_reference_algorithm() else f"activations are {dtype}; zentorch WOQ takes bfloat16 only"
+    expected = (
+        f"zentorch: {gate}" if gate and not platform.zendnn_reference_algorithm() else f"activations are {dtype}; zentorch WOQ takes bfloat16 only"
+    )
     assert all(expected in d.reason for d in zen_woq_pass.last_report().layers), zen_woq_pass.last_report().layers[0].reason
     assert_close_to_reference(forced, eager, fp32_reference(path), MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB)
 
@@ -95,7 +97,7 @@ def test_zentorch_for_another_torch_minor_is_refused(checkpoints, tmp_path):
         import sys
         sys.path.insert(0, {str(tmp_path / "site")!r})
         import torch, zen_woq_pass
-        from zen_woq_pass.probe import packed_linear
+        from zen_woq_pass.models.probe import packed_linear
         with torch.no_grad():
             torch.compile(torch.nn.Sequential(packed_linear(64, 256)), backend="zen_woq", options={{"kernel": "zentorch"}})(torch.randn(2, 256).to(torch.bfloat16))
         print("DECISION", zen_woq_pass.last_report().layers[0].kernel, "|", zen_woq_pass.last_report().layers[0].reason)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from zen_woq_pass import evidence, prefill
+from zen_woq_pass.cli import evidence
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.planning import prefill
 
 from helpers import four_bit_kernels_here
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import numerics, prefill
-from zen_woq_pass.convert import convert
-from zen_woq_pass.fuse import FusedForward
-from zen_woq_pass.gemv import GemvForward
 from zen_woq_pass.kernels import KERNELS
-from zen_woq_pass.numerics import sqnr_db
-from zen_woq_pass.options import Options
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.models.probe import packed_linear
+from zen_woq_pass.planning import numerics, prefill
+from zen_woq_pass.planning.numerics import sqnr_db
+from zen_woq_pass.planning.options import Options
+from zen_woq_pass.runtime.convert import convert
+from zen_woq_pass.runtime.fuse import FusedForward, fuse_siblings
+from zen_woq_pass.runtime.gemv import GemvForward
 
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import INPUT_IDS, assert_close_to_reference, fp32_reference, load
@@ -98,8 +98,8 @@ def test_each_fused_sibling_is_within_the_bound_of_its_own_weights(kernel, varia
     fused, unfused = _attention_like(**variant), _attention_like(**variant)
     names = ("q_proj", "k_proj", "v_proj")
     exact = {n: getattr(fused, n).dequantized_weight(torch.float32) for n in names}
-    convert(fused, Options.from_user({"kernel": kernel}))
-    convert(unfused, Options.from_user({"kernel": kernel}), fuse=False)
+    _fuse_and_convert(fused, Options.from_user({"kernel": kernel}))
+    convert(unfused, Options.from_user({"kernel": kernel}))
     for n in names:  # the kernel asked for took the group, fused, and each sibling alone
         assert getattr(fused, n).zen_woq_decision.kernel == kernel and isinstance(getattr(fused, n), FusedForward)
         assert getattr(unfused, n).zen_woq_decision.kernel == kernel
@@ -115,8 +115,8 @@ def test_each_fused_sibling_is_within_the_bound_of_its_own_weights(kernel, varia
 
 def test_any_call_order_and_another_input_give_each_sibling_its_own_answer():
     fused, unfused = _attention_like(), _attention_like()
-    convert(fused, Options.from_user({"kernel": "aten-int4"}))
-    convert(unfused, Options.from_user({"kernel": "aten-int4"}), fuse=False)
+    _fuse_and_convert(fused, Options.from_user({"kernel": "aten-int4"}))
+    convert(unfused, Options.from_user({"kernel": "aten-int4"}))
     assert all(isinstance(m, FusedForward) for m in (fused.q_proj, fused.k_proj, fused.v_proj))
     x, other = torch.randn(2, 3, 256, dtype=torch.bfloat16), torch.randn(2, 3, 256, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_each_thread_has_its_own_hand_over():
     import threading
 
     fused = _attention_like()
-    convert(fused, Options.from_user({"kernel": "aten-int4"}))
+    _fuse_and_convert(fused, Options.from_user({"kernel": "aten-int4"}))
     x = torch.randn(1, 4, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         other = threading.Thread(target=fused.q_proj, args=(x,))  # leaves k and v pending there
@@ -171,10 +171,15 @@ def test_gemv_at_one_row_and_f_linear_above_compute_the_same(rows):
         assert numerics.worst_excess(got[0], x[0], linear.weight.float(), linear.bias.float()) <= 1.0
 
 
+def _fuse_and_convert(model, options):
+    fuse_siblings(model, options)
+    convert(model, options)
+
+
 def _converted_pair(kernel="aten-int4"):
     fused, unfused = _attention_like(), _attention_like()
-    convert(fused, Options.from_user({"kernel": kernel}))
-    convert(unfused, Options.from_user({"kernel": kernel}), fuse=False)
+    _fuse_and_convert(fused, Options.from_user({"kernel": kernel}))
+    convert(unfused, Options.from_user({"kernel": kernel}))
     return fused, unfused
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass.measure import greedy, linear_weight_bytes
+from zen_woq_pass.models.measure import greedy, linear_weight_bytes
 
 from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, load, load_reference
 
@@ -59,7 +59,7 @@ def test_one_copy_at_4_bits_with_no_extra_call(checkpoints):
     tokens = greedy(model, INPUT_IDS[:1], NEW_TOKENS)
     report = zen_woq_pass.recent_reports()[0]
     dense = sum(d.dense_bytes for d in report.layers)
-    held = linear_weight_bytes(model) + zen_woq_pass.plan.held_bytes()
+    held = linear_weight_bytes(model) + zen_woq_pass.planning.plan.held_bytes()
     print(f"4-bit weights held after compile and generate: {held / dense:.3f}x of dense bf16")
     assert linear_weight_bytes(model) == 0  # the checkpoint's copy is gone
     assert held / dense <= 0.3 and held == sum(d.held_bytes for d in report.layers)
@@ -67,6 +67,6 @@ def test_one_copy_at_4_bits_with_no_extra_call(checkpoints):
     with torch.no_grad():  # the module still works eagerly, on its kernel
         eager = type(model).forward(model, INPUT_IDS[:1, :7]).logits
         want = load_reference(path)(INPUT_IDS[:1, :7]).logits
-    from zen_woq_pass.numerics import sqnr_db
+    from zen_woq_pass.planning.numerics import sqnr_db
 
     assert sqnr_db(eager, want) >= 30

@@ -10,8 +10,8 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import sys, torch, zen_woq_pass
-    from zen_woq_pass.probe import packed_linear
-    from zen_woq_pass.numerics import worst_excess
+    from zen_woq_pass.models.probe import packed_linear
+    from zen_woq_pass.planning.numerics import worst_excess
     seed, kernel = int(sys.argv[1]), sys.argv[2]
     linear = packed_linear(128, 256, 64, zero_point=True, bias=True, seed=seed)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import ct_format, native
-from zen_woq_pass.head import round_to_int4, round_to_int8
-from zen_woq_pass.numerics import sqnr_db
-from zen_woq_pass.report import DEFAULT_PATH
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.kernels import native
+from zen_woq_pass.planning.numerics import sqnr_db
+from zen_woq_pass.planning.report import DEFAULT_PATH
+from zen_woq_pass.runtime.head import round_to_int4, round_to_int8
 
 from conftest import MODEL_SQNR_DB
 from helpers import FOUR_BIT_KERNELS, INPUT_IDS, load

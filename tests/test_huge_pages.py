@@ -1,4 +1,4 @@
-"""The weights a decode step streams on 2 MB pages (``zen_woq_pass.huge_pages``): the same values
+"""The weights a decode step streams on 2 MB pages (``zen_woq_pass.runtime.huge_pages``): the same values
 and tensor objects on a mapping the kernel was asked to back with 2 MB pages, gone with its last
 tensor; zentorch's weights and views of other tensors left where they are; ``optimize``'s compiled
 decode step on moved weights gives the eager reference's tokens."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import huge_pages
-from zen_woq_pass.measure import greedy
+from zen_woq_pass.models.measure import greedy
+from zen_woq_pass.runtime import huge_pages
 
 from helpers import INPUT_IDS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 

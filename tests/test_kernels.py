@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from zen_woq_pass import ct_format, numerics, selfcheck
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.graph.layer import QuantizedWeights
 from zen_woq_pass.kernels import CHAIN, zentorch
 from zen_woq_pass.kernels.dense import DenseKernel
 from zen_woq_pass.kernels.zentorch import ZentorchKernel
-from zen_woq_pass.layer import QuantizedWeights
+from zen_woq_pass.planning import numerics, selfcheck
 
 from test_eligibility import GOOD
 
@@ -69,7 +70,11 @@ class SignedZeroPointKernel(ZentorchKernel):
     name = "zentorch-signed-zp"
 
     def pack(self, layer, weights):
-        return {"weight": zentorch.repack(weights.q).t(), "scales": weights.scale.t().contiguous(), "zero_points": weights.zero_point.t().contiguous()}
+        return {
+            "weight": zentorch.repack(weights.q).t(),
+            "scales": weights.scale.t().contiguous(),
+            "zero_points": weights.zero_point.t().contiguous(),
+        }
 
 
 class TransposedScaleKernel(ZentorchKernel):

@@ -1,4 +1,4 @@
-"""``compile=True`` traces one decoder layer for all (``zen_woq_pass.layer_regions``): the tokens of
+"""``compile=True`` traces one decoder layer for all (``zen_woq_pass.runtime.layer_regions``): the tokens of
 the eager reference but for near-ties, the second layer stamped out from the first's trace, every
 layer's own KV cache slot written, layers that differ traced apart; Inductor compiles the layer once
 and the step calls it from Python, aten-int4 layers too."""
@@ -16,9 +16,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_
 from torch._inductor.utils import run_and_get_code
 
 import zen_woq_pass
-from zen_woq_pass import gemv, layer_regions
 from zen_woq_pass.kernels import int4pack
-from zen_woq_pass.measure import compare_greedy, greedy
+from zen_woq_pass.models.measure import compare_greedy, greedy
+from zen_woq_pass.runtime import gemv, layer_regions
 
 from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 
@@ -139,7 +139,7 @@ def test_a_layer_whose_forward_reads_what_differs_between_layers_is_traced_on_it
 
 def head_call(head: torch.nn.Module) -> str:
     """The call a dense head makes for one row, read from the path its module took
-    (:mod:`zen_woq_pass.gemv`'s rule is per CPU)."""
+    (:mod:`zen_woq_pass.runtime.gemv`'s rule is per CPU)."""
     if isinstance(head, gemv.PackedBf16Forward):
         return "packed_bf16_linear"
     if isinstance(head, gemv.GemvForward):

@@ -12,10 +12,10 @@ import torch
 from test_kernels import TransposedScaleKernel
 
 import zen_woq_pass
-from zen_woq_pass import numerics, options, plan, platform, report, selfcheck
 from zen_woq_pass.kernels import DENSE, KERNELS
-from zen_woq_pass.measure import greedy, linear_weight_bytes
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.models.measure import greedy, linear_weight_bytes
+from zen_woq_pass.models.probe import packed_linear
+from zen_woq_pass.planning import numerics, options, plan, platform, report, selfcheck
 
 from helpers import FOUR_BIT_KERNELS, INPUT_IDS, KERNEL_CALLS, load
 
@@ -141,7 +141,7 @@ def test_generate_through_transformers_compile_config(checkpoints):
     kernel = model.zen_woq_report.layers[0].kernel
     call = KERNEL_CALLS[kernel]
     assert all(r.count_calls(call) and not r.count_calls("rshift") for r in reports)  # kernels, no unpack
-    tokens = out[:, INPUT_IDS.shape[1]:]
+    tokens = out[:, INPUT_IDS.shape[1] :]
     # a static cache attends over padding: other bf16 rounding, so near-tied random logits may part later
     assert tokens.shape == plain.shape and torch.equal(tokens[:, :2], plain[:, :2])
 
@@ -194,8 +194,8 @@ def test_optimize_takes_a_model_in_any_state_and_holds_it_at_4_bits(checkpoints,
 
 def test_the_runtime_never_imports_test_or_benchmark_dependencies():
     script = (
-        "import sys, zen_woq_pass, zen_woq_pass.cli, zen_woq_pass.doctor\n"
-        "from zen_woq_pass import doctor\n"
+        "import sys, zen_woq_pass, zen_woq_pass.cli.main, zen_woq_pass.cli.doctor\n"
+        "from zen_woq_pass.cli import doctor\n"
         "doctor.probe('aten-int4')\n"
         "print(sorted(m for m in ('llmcompressor', 'matplotlib', 'datasets') if m in sys.modules))\n"
     )
@@ -208,7 +208,7 @@ def test_the_runtime_never_imports_test_or_benchmark_dependencies():
 def test_optimize_right_after_calibration_in_memory(tmp_path):
     """A model straight out of llmcompressor's oneshot (fake-quant form, never saved) gets the
     4-bit kernels in one call, and computes what compressed-tensors' own fake-quant forward does."""
-    from zen_woq_pass.testing import Recipe, calibrated_model
+    from zen_woq_pass.models.testing import Recipe, calibrated_model
 
     model = calibrated_model(Recipe(arch="qwen2", scheme="W4A16_ASYM", seed=6), tmp_path)
     with torch.no_grad():

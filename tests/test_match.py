@@ -8,8 +8,9 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 import zen_woq_pass
-from zen_woq_pass import ct_format, numerics
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.models.probe import packed_linear
+from zen_woq_pass.planning import numerics
 
 from helpers import count
 
@@ -103,11 +104,11 @@ def test_two_models_sharing_a_graph_keep_their_own_constants(kernel):
 
 
 def test_each_layer_is_analysed_once_however_many_graphs(monkeypatch):
-    from zen_woq_pass import match
+    from zen_woq_pass.graph import match
 
     recovered = []
     real = match.recover
-    monkeypatch.setattr("zen_woq_pass.rewrite.recover", lambda gm, m: recovered.append(m.module_path) or real(gm, m))
+    monkeypatch.setattr("zen_woq_pass.graph.rewrite.recover", lambda gm, m: recovered.append(m.module_path) or real(gm, m))
     module = _packed_linear()
     compiled = torch.compile(module, backend="zen_woq", options={"kernel": "default"}, dynamic=False)
     with torch.no_grad():
@@ -127,4 +128,4 @@ def test_compiled_layers_hold_their_constants_once_across_graphs():
     assert first.count_calls("int4pack") == second.count_calls("int4pack") == 1
     assert module[0].weight_packed.numel() == 0  # the checkpoint's copy is gone
     buffers = dict(module[0].named_buffers())
-    assert zen_woq_pass.plan.held_bytes() == sum(b.nbytes for b in buffers.values()) > 0
+    assert zen_woq_pass.planning.plan.held_bytes() == sum(b.nbytes for b in buffers.values()) > 0

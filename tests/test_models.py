@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import platform
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.planning import platform
 
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import (
@@ -140,11 +140,13 @@ def test_fullgraph_has_no_graph_breaks(checkpoints):
 
 
 def test_inductor_options_and_modes_pass_through(checkpoints, monkeypatch):
-    import zen_woq_pass.backend as backend
+    import zen_woq_pass.graph.backend as backend
 
     patches = []
     real = backend.compile_fx
-    monkeypatch.setattr(backend, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches) or real(gm, inputs, config_patches=config_patches))
+    monkeypatch.setattr(
+        backend, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches) or real(gm, inputs, config_patches=config_patches)
+    )
     model = load(checkpoints("llama_sym_g128"))
     run_compiled(model, {"kernel": "zentorch", "freezing": True})
     assert len(zen_woq_pass.last_report().by_kernel()["zentorch"]) == 14

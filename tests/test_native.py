@@ -1,4 +1,4 @@
-"""The build of the package's C++ library (:mod:`zen_woq_pass.native`), on any CPU: it lands whole
+"""The build of the package's C++ library (:mod:`zen_woq_pass.kernels.native`), on any CPU: it lands whole
 in its key's folder, is found there the next time, replaces a key folder that lacks it (a crashed
 build, a cleaner), leaves nothing behind when the compiler fails, and the real source compiles with
 the real command (it runs only on AVX-512 CPUs; it must compile everywhere)."""
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from zen_woq_pass import native
+from zen_woq_pass.kernels import native
 
 pytestmark = pytest.mark.library_independent
 

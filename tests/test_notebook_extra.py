@@ -31,7 +31,9 @@ def test_quickstart_runs_with_only_the_notebook_extra(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", RUN_CELLS, str(ROOT / "notebooks" / "quickstart.ipynb")],
-        capture_output=True, text=True, timeout=1200,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "TEST EXTRAS []" in done.stdout

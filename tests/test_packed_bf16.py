@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 import zen_woq_pass
-from zen_woq_pass import gemv, native, numerics
-from zen_woq_pass.kernels import packed_bf16
+from zen_woq_pass.kernels import native, packed_bf16
+from zen_woq_pass.planning import numerics
+from zen_woq_pass.runtime import gemv
 
 from helpers import load
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zen_woq_pass import platform
+from zen_woq_pass.planning import platform
 
 from conftest import ZEN3_CPU, ZEN4_CPU
 

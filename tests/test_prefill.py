@@ -5,8 +5,8 @@ bits on every call, right against the fp32 reference."""
 import pytest
 import torch
 
-from zen_woq_pass import platform, prefill
 from zen_woq_pass.kernels import int4pack_layout
+from zen_woq_pass.planning import platform, prefill
 
 from conftest import LAYER_SQNR_DB, ZEN4_CPU
 from helpers import assert_rows_follow_the_rule, optimized_down_proj

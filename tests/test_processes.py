@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from zen_woq_pass import platform
+from zen_woq_pass.planning import platform
 
 SCRIPT = textwrap.dedent(
     """
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     zen_woq_pass.keep_compressed(model)
     with torch.no_grad():
         got = torch.compile(model, backend="zen_woq", options={"kernel": kernel})(ids).logits
-    from zen_woq_pass.numerics import sqnr_db
+    from zen_woq_pass.planning.numerics import sqnr_db
     report = zen_woq_pass.last_report()
     print("SQNR", sqnr_db(got, want))
     print("KERNELS", sorted(report.by_kernel()))
@@ -36,9 +36,7 @@ SCRIPT = textwrap.dedent(
 
 def _run(path, kernel, env_overrides):
     env = {k: v for k, v in os.environ.items() if k != "ZENDNNL_MATMUL_ALGO"} | env_overrides
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(path), kernel], env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), kernel], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line[:4] in ("SQNR", "KERN", "REAS"))
     return float(lines["SQNR"]), eval(lines["KERNELS"]), eval(lines["REASONS"])

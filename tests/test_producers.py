@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import zen_woq_pass
-from zen_woq_pass import ct_format
-from zen_woq_pass.testing import Recipe, make_checkpoint
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.models.testing import Recipe, make_checkpoint
 
 from conftest import MODEL_SQNR_DB, MODEL_SQNR_SLACK_DB
 from helpers import FOUR_BIT_KERNELS, INPUT_IDS, assert_close_to_reference, count, fp32_reference, load, run_compiled

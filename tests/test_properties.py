@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zen_woq_pass
-from zen_woq_pass import numerics
 from zen_woq_pass.kernels import CHAIN
-from zen_woq_pass.probe import packed_linear
+from zen_woq_pass.models.probe import packed_linear
+from zen_woq_pass.planning import numerics
 
 # forced, a kernel skips only the CPU gate (zentorch runs here under ZenDNN's reference algorithm)
 RUNNABLE_HERE = [kernel.name for kernel in CHAIN if kernel.platform_reason(forced=True) is None]

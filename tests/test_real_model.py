@@ -10,8 +10,8 @@ symmetric and the asymmetric (zero-point) checkpoint:
 - greedy chat answers that are coherent text (printed beside the reference's, with where they part).
 The kernels run as ``optimize`` runs them, eagerly (``compile=True`` compiles only ``generate``'s
 decode step; a teacher-forced window is a forward); stock Inductor is compiled once. A window's
-512 rows take the prefill path its rule names (:mod:`zen_woq_pass.prefill`), and its
-attention the package's flash kernel where it loads (:mod:`zen_woq_pass.attention`). 2048 tokens,
+512 rows take the prefill path its rule names (:mod:`zen_woq_pass.planning.prefill`), and its
+attention the package's flash kernel where it loads (:mod:`zen_woq_pass.runtime.attention`). 2048 tokens,
 not 1024: on 1024 a change of attention kernel as accurate as sdpa (closer to fp32 attention on
 the model's own activations) moved zentorch's perplexity by 0.59 % and its KLD not at all.
 """
@@ -25,8 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zen_woq_pass
-from zen_woq_pass import huge_pages, measure, prefill, quality, smollm2
 from zen_woq_pass.kernels import CHAIN
+from zen_woq_pass.models import measure, quality, smollm2
+from zen_woq_pass.planning import prefill
+from zen_woq_pass.runtime import huge_pages
 
 from helpers import four_bit_kernels_here
 
@@ -158,7 +160,7 @@ RSS_SCRIPT = """
 import gc, sys, torch
 from transformers import AutoModelForCausalLM
 import zen_woq_pass
-from zen_woq_pass.measure import rss_mb
+from zen_woq_pass.models.measure import rss_mb
 path, optimize = sys.argv[1], sys.argv[2] == "optimize"
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 if optimize:
@@ -169,7 +171,7 @@ gc.collect()
 print("LOADED", rss_mb())
 del model
 gc.collect()
-zen_woq_pass.memory.return_freed_heap()  # glibc keeps freed heap otherwise, model or not
+zen_woq_pass.runtime.memory.return_freed_heap()  # glibc keeps freed heap otherwise, model or not
 print("DELETED", rss_mb())
 """
 

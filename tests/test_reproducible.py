@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from zen_woq_pass import prefill
+from zen_woq_pass.planning import prefill
 
 PROMPT_ROWS = prefill.DENSE_MIN_ROWS + 16
 

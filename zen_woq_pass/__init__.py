@@ -8,9 +8,9 @@
 The lower level: ``keep_compressed(model)`` then ``torch.compile(model, backend="zen_woq")``.
 """
 
-from zen_woq_pass.backend import zen_woq
-from zen_woq_pass.keep_compressed import keep_compressed
-from zen_woq_pass.optimize import optimize
-from zen_woq_pass.report import last_report, recent_reports
+from zen_woq_pass.graph.backend import zen_woq
+from zen_woq_pass.graph.keep_compressed import keep_compressed
+from zen_woq_pass.planning.report import last_report, recent_reports
+from zen_woq_pass.runtime.optimize import optimize
 
 __all__ = ["keep_compressed", "last_report", "optimize", "recent_reports", "zen_woq"]

@@ -1,5 +1,5 @@
 """``python -m zen_woq_pass`` is ``zen-woq``."""
 
-from zen_woq_pass.cli import main
+from zen_woq_pass.cli.main import main
 
 raise SystemExit(main())

@@ -19,16 +19,17 @@ blocks of 16 rows. Groups must be multiples of 16 (channel-wise included), out_f
 of 16; activations bf16.
 
 For many rows the layer's weights are dequantized to bf16 per call (no copy held) for a dense
-GEMM, by the rule of :mod:`zen_woq_pass.prefill`.
+GEMM, by the rule of :mod:`zen_woq_pass.planning.prefill`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from zen_woq_pass import eligibility, native, prefill
+from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
+from zen_woq_pass.kernels import native
 from zen_woq_pass.kernels.base import Kernel
-from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+from zen_woq_pass.planning import eligibility, prefill
 
 BLOCK_ROWS = 16  # output rows per block: one int32 lane each
 GROUP_MULTIPLE = 16  # inputs per vector of the activations' quantization
@@ -123,7 +124,11 @@ class Avx512Int4Kernel(Kernel):
     def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
         offset = 1 << (self.bits - 1)  # signed values -> unsigned codes
         codes = weights.q.to(torch.int16) + offset
-        zero = weights.zero_point.to(torch.int16) + offset if weights.zero_point is not None else torch.full_like(weights.scale, offset, dtype=torch.int16)
+        zero = (
+            weights.zero_point.to(torch.int16) + offset
+            if weights.zero_point is not None
+            else torch.full_like(weights.scale, offset, dtype=torch.int16)
+        )
         if codes.min() < 0 or codes.max() >= 2 * offset or zero.min() < 0 or zero.max() > 255:
             raise ValueError(f"values or zero points outside the signed {self.bits}-bit range")
         scale_dtype = weights.scale.dtype if weights.scale.dtype in (torch.bfloat16, torch.float32) else torch.float32
@@ -141,7 +146,7 @@ class Avx512Int4Kernel(Kernel):
 
 
 class Avx512Int8Kernel(Avx512Int4Kernel):
-    """The same kernel on 8-bit weights: the opt-in int8 lm_head (:mod:`zen_woq_pass.head`)."""
+    """The same kernel on 8-bit weights: the opt-in int8 lm_head (:mod:`zen_woq_pass.runtime.head`)."""
 
     name = "avx512-int8"
     bits = 8

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 
 
 class Kernel(abc.ABC):
@@ -32,10 +32,10 @@ class Kernel(abc.ABC):
     target: Callable[..., Any]
     # the same call for a converted module's eager forward, where it may differ (None: ``target``)
     eager_target: Callable[..., Any] | None = None
-    # whether the constants may be copied elsewhere after packing (zen_woq_pass.huge_pages)
+    # whether the constants may be copied elsewhere after packing (zen_woq_pass.runtime.huge_pages)
     constants_movable: bool = True
     # whether it rounds the activations (to integers per group): the self-check then also probes
-    # outlier activations, which such a rounding must survive (zen_woq_pass.selfcheck)
+    # outlier activations, which such a rounding must survive (zen_woq_pass.planning.selfcheck)
     rounds_activations: bool = False
 
     @abc.abstractmethod

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zen_woq_pass import ct_format
+from zen_woq_pass.graph import ct_format
+from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.kernels.base import Kernel
-from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
 
 
 class DenseKernel(Kernel):

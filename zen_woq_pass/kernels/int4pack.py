@@ -20,10 +20,10 @@ from torch._inductor import config as inductor_config
 from torch._inductor import lowering
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
 
-from zen_woq_pass import eligibility, prefill
+from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.kernels import int4pack_layout
 from zen_woq_pass.kernels.base import Kernel
-from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+from zen_woq_pass.planning import eligibility, prefill
 
 GROUP_SIZES = (256, 128, 64, 32)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -79,7 +79,7 @@ def called_as_is_by_inductor():
 
 def int4pack_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None, by_rows: bool = False):
     """x [..., K] -> [..., N]; weight uint8 [N, K/2] packed here; scales_and_zeros [G, N, 2].
-    ``by_rows``: many rows may take a dense GEMM (the rule of :mod:`zen_woq_pass.prefill`)."""
+    ``by_rows``: many rows may take a dense GEMM (the rule of :mod:`zen_woq_pass.planning.prefill`)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     group_size = x.shape[-1] // scales_and_zeros.shape[0]
 

@@ -1,5 +1,5 @@
 """aten's packed int4 layout, decoded: the weights ``aten._weight_int4pack_mm_for_cpu`` multiplies,
-for the dense GEMM that many rows take (:mod:`zen_woq_pass.prefill`).
+for the dense GEMM that many rows take (:mod:`zen_woq_pass.planning.prefill`).
 
 The layout (PyTorch's ``int4mm_kernel.cpp``, checked here): per block of ``BLOCK_N`` output rows
 (64 where torch's CPU capability is AVX512, 32 for AVX2), for each k, ``BLOCK_N / 2`` bytes; byte j

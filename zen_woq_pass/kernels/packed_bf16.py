@@ -26,10 +26,7 @@ def why_not(weight: torch.Tensor) -> str | None:
         return f"it is {str(weight.dtype).removeprefix('torch.')} {weight.dim()}-D, not a bf16 matrix"
     out_features, in_features = weight.shape
     if out_features % BLOCK_ROWS or in_features % INPUT_MULTIPLE or in_features == 0:
-        return (
-            f"its shape {out_features}x{in_features} is not a multiple of "
-            f"{BLOCK_ROWS}x{INPUT_MULTIPLE}"
-        )
+        return f"its shape {out_features}x{in_features} is not a multiple of {BLOCK_ROWS}x{INPUT_MULTIPLE}"
     _, _, _, distance, _ = _split(weight)
     widest = int(distance.max())
     if widest >= ZERO:

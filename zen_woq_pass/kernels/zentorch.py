@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from zen_woq_pass import eligibility, platform
+from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.kernels.base import Kernel
-from zen_woq_pass.layer import QuantizedLinear, QuantizedWeights
+from zen_woq_pass.planning import eligibility, platform
 
 UNSIGNED_OFFSET = 8
 

@@ -1,0 +1,125 @@
+"""``backend="zen_woq"``: the pass, then Inductor for everything else, behind an identity guard.
+
+Dynamo hands module parameters to backends as graph inputs, without guards on which tensors they
+are (it shares one compiled graph between instances of a module class). We fold their values into
+the compiled code, like Inductor's ``freezing``; so we guard them ourselves: each call checks that
+the inputs we folded are the very tensors we folded. Another model gets its own rewritten variant,
+compiled on first use; past ``MAX_VARIANTS`` it gets the default path. After a variant's first
+call, the kept modules it replaced take their plans (:func:`zen_woq_pass.runtime.convert.adopt_compiled`):
+the model then holds its weights once, and dynamo recompiles once, onto modules that call their
+kernels directly. ``torch._dynamo.reset()`` clears every cache of this package (:func:`reset`).
+
+Dynamo keeps what a backend returns until ``torch._dynamo.reset()``, model or no model (its cache
+hangs on the code object, shared by every instance of the class). Plain Inductor holds no module
+tensor there: they are inputs. A variant holds folded constants, so it lives only as long as the
+tensors it folded: when one of them dies (the model is deleted) the variant is dropped, and the
+constants with it (Inductor's code holds reference cycles: the garbage collector's next pass). The backend returns a plain function over the variants, not an object: dynamo
+copies the ``__dict__`` of what it wraps, which would keep a snapshot of it alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import weakref
+
+import torch.fx as fx
+from torch._inductor.compile_fx import compile_fx
+
+from zen_woq_pass.graph.rewrite import rewrite
+from zen_woq_pass.planning import plan, platform, prefill, selfcheck
+from zen_woq_pass.planning import report as report_module
+from zen_woq_pass.planning.options import DEFAULT, Options
+from zen_woq_pass.runtime import convert
+
+logger = logging.getLogger(__name__)
+
+MAX_VARIANTS = 8
+
+
+def zen_woq(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The dynamo backend: ``torch.compile(model, backend="zen_woq", mode=..., options={"kernel": ...})``."""
+    guarded = _GuardedGraph(gm, list(example_inputs), Options.from_user(options, mode))
+
+    def compiled(*args):
+        return guarded(*args)
+
+    return compiled
+
+
+def reset() -> None:
+    """Forget every decision, report and probe of this process (``torch._dynamo.reset()`` calls it)."""
+    plan.clear()
+    selfcheck.clear()
+    prefill.clear()
+    report_module.clear()
+    platform.clear_caches()
+
+
+zen_woq.reset = reset
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh graph over the same root: each variant rewrites its own copy."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
+
+
+class _GuardedGraph:
+    """Compiled variants of one captured graph, keyed by the identity of the folded inputs; each
+    held while those inputs live."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: Options):
+        self.original, self.options = gm, options
+        # token -> (indices of the folded inputs, weak references to them, compiled code)
+        self.variants: dict[int, tuple[tuple[int, ...], tuple[weakref.ref, ...], object]] = {}
+        self.fallback = None
+        self.to_adopt: list = []
+        self._tokens = itertools.count()
+        self._add_variant(example_inputs)
+
+    def _compile(self, inputs, options: Options):
+        gm, report, folded, used = rewrite(_copy(self.original), inputs, options)
+        report_module.record(report)
+        self.to_adopt += used
+        return compile_fx(gm, inputs, config_patches=dict(options.inductor_config)), folded
+
+    def _add_variant(self, inputs):
+        compiled, folded = self._compile(inputs, self.options)
+        token, guarded = next(self._tokens), weakref.ref(self)
+
+        def drop(_):  # a folded input died: its model is gone, so the constants folded from it go too
+            live = guarded()
+            if live is not None:
+                live.variants.pop(token, None)
+
+        self.variants[token] = (folded, tuple(weakref.ref(inputs[i], drop) for i in folded), compiled)
+        return compiled
+
+    def _default_path(self, inputs):
+        if self.fallback is None:
+            logger.warning("zen_woq: more than %d models share one graph; the rest run on the default path", MAX_VARIANTS)
+            self.fallback, _ = self._compile(inputs, dataclasses.replace(self.options, kernel=DEFAULT))
+        return self.fallback
+
+    def _select(self, args):
+        for folded, refs, compiled in list(self.variants.values()):
+            if all(ref() is args[i] for i, ref in zip(folded, refs)):
+                return compiled
+        if len(self.variants) < MAX_VARIANTS:
+            logger.info("zen_woq: new constants for a compiled graph (another model?); compiling a variant")
+            return self._add_variant(list(args))
+        return self._default_path(list(args))
+
+    def __call__(self, *args):
+        result = self._select(args)(*args)
+        if self.to_adopt:  # after the call: the compiled code has read the tensors it takes from the modules
+            adopt = tuple(self.to_adopt)
+            self.to_adopt.clear()
+            convert.adopt_compiled(adopt)
+        return result

@@ -1,0 +1,131 @@
+"""The decode step of ``generate`` compiled: a static KV cache, prefill left eager.
+
+Why: an eager decode step is about 3 000 aten calls driven from Python, which on SmolLM2-135M cost
+about as much as its 4-bit kernels. Compiling the whole forward with transformers' default dynamic
+cache gives a graph per prefill length, a dynamic decode graph and recompiles: 145 s of compiling.
+transformers compiles the decode step itself when the cache is static and the generation config
+carries a ``compile_config`` (on CPU only with ``_compile_all_devices``). Each step then has one
+shape, so one graph; its cache length is dynamic, so a longer ``generate`` (a bigger static cache)
+reuses it. Prefill, one call per ``generate`` with many tokens, stays eager on the kernels and costs
+no compile; so does a plain ``model(...)``.
+
+Dynamo traces one decoder layer for all (:mod:`zen_woq_pass.runtime.layer_regions`), and Inductor compiles
+it once too: the step calls the layer's code once per layer, from Inductor's Python wrapper. On
+SmolLM2-135M (a Zen 4, 2 threads) a cold first ``generate`` took 18-20 s this way against 45-47 s
+for the step compiled whole (Inductor's lowering, scheduling and C++ code generation, once per
+layer), and decoded as fast (README). A user's ``cpp_wrapper=True`` compiles the step as one
+graph, driven from Inductor's C++ wrapper, which cannot call a region compiled apart (torch 2.13).
+That wrapper is built apart from the kernels (``cpp_wrapper_build_separate``), so the two compile
+at the same time, and at -O0: at -O1 it took 10 s of a cold compile, at -O0 4 s, for the same
+decode speed. Either way the step has no size asserts of Inductor's: dynamo's guards check the
+inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import masking_utils
+from transformers.generation.configuration_utils import CompileConfig
+
+from zen_woq_pass.graph.backend import zen_woq
+from zen_woq_pass.kernels import int4pack, native
+from zen_woq_pass.runtime import attention, layer_regions
+
+logger = logging.getLogger(__name__)
+
+
+# The C++ wrapper, built apart at -O0, for a step compiled as one graph (above).
+CPP_WRAPPER_CONFIG = {
+    "cpp_wrapper": True,
+    "cpp_wrapper_build_separate": True,
+    "aot_inductor.compile_wrapper_opt_level": "O0",
+}
+
+
+def _step_inductor_config(one_graph: bool) -> dict:
+    """No size asserts, ``CPP_WRAPPER_CONFIG`` for ``one_graph``, and no compiler probe that the
+    package's own build already made."""
+    config = {"size_asserts": False, **(CPP_WRAPPER_CONFIG if one_graph else {})}
+    if native.unavailable_reason() is None:
+        # Inductor builds ATen's vector headers once per instruction set the CPU has, to see that the
+        # compiler can (4 builds, about 7 s of a cold first generate on the Xeon). The same compiler
+        # built our AVX512-BF16 library. Its light probes (AMX, BF16 instructions) still run.
+        config["cpp.vec_isa_ok"] = True
+    return config
+
+
+def _compiling_layers_apart(gm, example_inputs, **kwargs):
+    """The backend, for a step whose decoder layers Inductor compiles apart."""
+    with int4pack.called_as_is_by_inductor():
+        return zen_woq(gm, example_inputs, **kwargs)
+
+
+def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
+    """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
+    layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
+    if model.config._attn_implementation == attention.NAME:
+        logger.info("zen_woq: decode step: one query's attention as tensor math (%s)", attention.NAME)
+    reused = layer_regions.trace_layers_once(model)
+    logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
+    one_graph = bool(backend_options.get("cpp_wrapper"))
+    if one_graph:
+        logger.info("zen_woq: decode step: cpp_wrapper=True: compiled as one graph, called from C++")
+    else:
+        logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
+    inductor_config = _step_inductor_config(one_graph)
+    compiler = zen_woq if one_graph else _compiling_layers_apart
+    backend = functools.partial(compiler, options={**inductor_config, **backend_options}, mode=mode)
+    # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
+    # (the backend's identity guard), and an optimized model is not rebuilt in place.
+    skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    compiled = torch.compile(model.__call__, backend=backend, dynamic=True, options=skip_module_guards)
+    # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make
+    # them graph inputs, which Inductor cannot take as such, and dynamo would trace it all twice.
+    # The patch is made once: making it per call cost 117 us a step, entering it 5 us.
+    # For ``one_graph`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
+    patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=one_graph)(compiled)
+
+    def decode_step(*args, **kwargs):
+        layer_regions.keep_cache_shapes_static(kwargs.get("past_key_values"))
+        return patched(*args, **kwargs)
+
+    config = CompileConfig(backend="zen_woq", dynamic=True)
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked so
+    transformers_compiled_call = model.get_compiled_call
+
+    def get_compiled_call(compile_config=None):
+        """transformers asks for the decode step per ``generate``; a user's own compile config wins."""
+        if compile_config is None or compile_config.to_dict() == config.to_dict():
+            return decode_step
+        return transformers_compiled_call(compile_config)
+
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = config
+    model.get_compiled_call = get_compiled_call
+    if not hasattr(type(model), "create_masks_for_generate"):  # a model's own masks (multimodal) stay
+        model.create_masks_for_generate = _padding_mask_for_the_graph
+
+
+def _padding_mask_for_the_graph(*, attention_mask, past_key_values, **kwargs):
+    """The 2-D padding mask, zero-padded to the static cache's length, for the step to expand itself.
+
+    For a static cache, ``generate`` turns the 2-D mask into the 4-D causal one before every step, in
+    eager Python: 0.5-0.7 ms of a 12 ms step on SmolLM2 (about 20 small ops). Given the 2-D mask,
+    the model's forward builds the 4-D one itself, inside the compiled step. Padded to the cache's
+    length (the slots past the tokens so far are masked either way), it has one length for the
+    whole ``generate``: unpadded, the last step, where it fills the cache, compiled a second graph.
+    """
+    length = past_key_values.get_max_length()
+    if (
+        attention_mask is None
+        or attention_mask.ndim != 2
+        or any(past_key_values.is_sliding)
+        or not isinstance(length, int)
+        or length < attention_mask.shape[-1]
+    ):
+        return masking_utils.create_masks_for_generate(attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    return F.pad(attention_mask, (0, length - attention_mask.shape[-1]))
