@@ -1,7 +1,7 @@
 """The code's habits, checked where a user's tests run (``.ci/run`` checks ruff first, in seconds):
 ruff's pyflakes, syntax and import-order rules and its formatter (``[tool.ruff]`` in
-pyproject.toml) find nothing to change in the package, its tests, benchmarks, scripts or notebook, and the
-package's modules import each other without cycles."""
+pyproject.toml) find nothing to change in the package, its tests, benchmarks, scripts or notebook, mypy
+finds no type error in the package, and the package's modules import each other without cycles."""
 
 import ast
 import graphlib
@@ -22,6 +22,17 @@ ROOT = Path(__file__).parent.parent
 def test_ruff_finds_nothing(command):
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     done = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None and not (Path(sys.executable).parent / "mypy").exists(), reason="mypy is in the test extra")
+def test_mypy_finds_nothing():
+    """``[tool.mypy]`` in pyproject.toml: the package type-checks against this environment's
+    libraries (the pinned set: the newest-libraries run skips this module, as a newer transformers
+    may type things otherwise)."""
+    mypy = str(Path(sys.executable).parent / "mypy") if (Path(sys.executable).parent / "mypy").exists() else shutil.which("mypy")
+    command = [mypy, "--python-executable", sys.executable, "--cache-dir", str(ROOT / ".mypy_cache")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -23,7 +23,9 @@ def probe(kernel: str):
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(module, backend="zen_woq", options={"kernel": kernel})(x)
-    [decision] = last_report().layers
+    made = last_report()
+    assert made is not None  # the compile above made one
+    [decision] = made.layers
     return decision
 
 

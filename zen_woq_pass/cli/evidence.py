@@ -52,7 +52,7 @@ def taking_turns(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS) -
 
 
 def _verdict(measured: dict[str, float], pick: str) -> str:
-    fastest = min(measured, key=measured.get)
+    fastest = min(measured, key=measured.__getitem__)
     times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in measured.items())
     if fastest == pick:
         return f"{times}: the rule's pick, {pick}, is the fastest here"
@@ -77,7 +77,8 @@ def four_bit_kernel(out_features: int, in_features: int, group_size: int, bandwi
     if not candidates:
         return "no 4-bit kernel takes the probe layer here"
     x = torch.randn(1, in_features).to(torch.bfloat16)
-    measured = taking_turns({name: (lambda k=k, c=c: k.run(x, c, None)) for name, (k, c) in candidates.items()})
+    # mypy cannot infer a lambda with default arguments where a Callable is expected
+    measured = taking_turns({name: (lambda k=k, c=c: k.run(x, c, None)) for name, (k, c) in candidates.items()})  # type: ignore[misc]
     pick = next(kernel.name for kernel in CHAIN if kernel.name in candidates)
     streamed_ms = out_features * in_features / 2 / bandwidth_gbs / 1e6
     cached = [name for name, ms in measured.items() if ms < streamed_ms]

@@ -9,6 +9,7 @@ import argparse
 import logging
 import time
 from importlib import resources
+from typing import cast
 
 import torch
 
@@ -17,6 +18,7 @@ from zen_woq_pass.cli import doctor, evidence
 from zen_woq_pass.kernels import KERNELS
 from zen_woq_pass.models import measure, smollm2
 from zen_woq_pass.planning import prefill
+from zen_woq_pass.planning.report import Report
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -90,7 +92,8 @@ def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compil
         f"decode: {timing.decode_tokens_per_s:.1f} tokens/s (transformers: {dense_timing.decode_tokens_per_s:.1f}, "
         f"x{timing.decode_tokens_per_s / dense_timing.decode_tokens_per_s:.2f})"
     )
-    held = sum(d.held_bytes for d in model.zen_woq_report.layers) + measure.linear_weight_bytes(model)
+    report = cast(Report, model.zen_woq_report)  # an attribute of an nn.Module: Tensor | Module to mypy
+    held = sum(d.held_bytes for d in report.layers) + measure.linear_weight_bytes(model)
     print(
         f"quantized linears: {held / 1e6:.1f} MB, {held / dense_bytes:.2f}x of transformers' dense bf16 "
         f"{dense_bytes / 1e6:.1f} MB; process RSS {measure.rss_mb():.0f} MB"

@@ -57,7 +57,7 @@ def reset() -> None:
     platform.clear_caches()
 
 
-zen_woq.reset = reset
+zen_woq.reset = reset  # type: ignore[attr-defined]  # mypy knows no function attributes; dynamo calls a backend's reset()
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

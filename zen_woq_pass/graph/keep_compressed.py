@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,12 @@ class PackedForward:
     """
 
     zen_woq_num_bits: int
+    # the Linear's and compressed-tensors' attributes it reads (declared for the type checker)
+    in_features: int
+    out_features: int
+    bias: torch.nn.Parameter  # as torch.nn.Linear types it (None where the layer has no bias)
+    weight_packed: torch.Tensor
+    weight_scale: torch.Tensor
 
     def dequantized_weight(self, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense [out, in] weight, computed in ``scale_dtype`` (the checkpoint's scale dtype by
@@ -83,7 +90,7 @@ def check_packed_tensors(name: str, module: torch.nn.Linear, args) -> None:
     quantization args (``scheme.weights``): a bad checkpoint must fail here, with a reason, never
     deep in a kernel or as silent garbage."""
     out_features, in_features, num_bits = module.out_features, module.in_features, args.num_bits
-    packed, scale = module.weight_packed, module.weight_scale
+    packed, scale = cast(torch.Tensor, module.weight_packed), cast(torch.Tensor, module.weight_scale)
     zero_point, g_idx = getattr(module, "weight_zero_point", None), getattr(module, "weight_g_idx", None)
     words = -(-in_features * num_bits // 32)
     problems = []
@@ -172,5 +179,5 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
         module.zen_woq_num_bits = num_bits
         _owners[module.weight_packed] = weakref.ref(module)
         module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
-        module.__class__ = _packed_class(type(module))
+        module.__class__ = _packed_class(type(module))  # type: ignore[arg-type]  # mypy: a class is not Hashable
     return model

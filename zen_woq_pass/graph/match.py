@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -54,12 +55,12 @@ class Match:
 
     @property
     def activation(self) -> fx.Node:
-        return self.linear.args[0] if self.linear.args else self.linear.kwargs["input"]
+        return cast(fx.Node, self.linear.args[0] if self.linear.args else self.linear.kwargs["input"])
 
     @property
     def bias(self) -> fx.Node | None:
         args = self.linear.args
-        return args[2] if len(args) > 2 else self.linear.kwargs.get("bias")
+        return cast("fx.Node | None", args[2] if len(args) > 2 else self.linear.kwargs.get("bias"))
 
     @property
     def weights_require_grad(self) -> bool:
@@ -95,7 +96,7 @@ def recover(gm: fx.GraphModule, match: Match) -> tuple[QuantizedLinear, Quantize
     named constants, accepting it only if our dequantization reproduces the sub-graph bit for
     bit. Raises NotRecoverable with the reason."""
     dense = _evaluate(gm, match)
-    tensors = {_role(leaf): value for leaf, value in zip(match.constant_inputs, match.constant_values) if _role(leaf)}
+    tensors = {role: value for leaf, value in zip(match.constant_inputs, match.constant_values) if (role := _role(leaf))}
     activation = match.activation.meta["example_value"]
     return describe(
         match.module_path,
@@ -140,7 +141,7 @@ def _weight_slice(weight: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
             stack.extend(node.all_input_nodes)
     leaves = [n for n in seen if n.op in ("placeholder", "get_attr")]
     order = {n: i for i, n in enumerate(weight.graph.nodes)}
-    return sorted((n for n in seen if n not in leaves), key=order.get), sorted(leaves, key=order.get)
+    return sorted((n for n in seen if n not in leaves), key=order.__getitem__), sorted(leaves, key=order.__getitem__)
 
 
 def _role(leaf: fx.Node) -> str | None:
@@ -157,7 +158,8 @@ def _is_constant(leaf: fx.Node, values: dict[fx.Node, object]) -> bool:
 
 
 def _value(leaf: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, object]) -> torch.Tensor:
-    return operator.attrgetter(leaf.target)(gm) if leaf.op == "get_attr" else values[leaf]
+    value = operator.attrgetter(cast(str, leaf.target))(gm) if leaf.op == "get_attr" else values[leaf]  # a get_attr's target: a str
+    return cast(torch.Tensor, value)
 
 
 def _module_path(linear: fx.Node, weight: fx.Node) -> str:

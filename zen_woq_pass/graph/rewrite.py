@@ -57,7 +57,7 @@ def remember_model(model: torch.nn.Module) -> None:
 
 def _planned_before(example_inputs) -> list[LayerDecision]:
     """The decisions of the layers whose kernel constants the graph takes as inputs, in order."""
-    decisions = []
+    decisions: list[LayerDecision] = []
     for value in example_inputs:
         if isinstance(value, torch.Tensor):
             for decision in _decisions_of.get(value, ()):
@@ -72,7 +72,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     (source tensors, plan) of every replaced layer."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
-    decisions, folded, used, unpacking = [], set(), [], set()
+    decisions, used, unpacking = [], [], set()
+    folded: set[int] = set()
     for match in find_quantized_linears(gm, values):
         plan = _plan(gm, match, values, options)
         decisions.append(plan.decision)
@@ -96,7 +97,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
 
 def _calls(gm: fx.GraphModule) -> tuple[str, ...]:
     """The targets ``gm`` calls, in order; a nested compile region's, each time it is called."""
-    calls = []
+    calls: list[str] = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph:
             calls += _calls(getattr(gm, node.args[0].target))
@@ -134,6 +135,7 @@ def _plan(gm, match: Match, values, options: Options) -> plans.LayerPlan:
 
 
 def _splice(gm: fx.GraphModule, match: Match, plan: plans.LayerPlan) -> None:
+    assert plan.kernel is not None  # rewrite splices only layers given a kernel
     prefix = base = "zen_woq_" + re.sub(r"\W", "_", match.module_path)
     calls = 0
     while any(hasattr(gm, f"{prefix}_{name}") for name in plan.constants):  # a module called twice

@@ -117,6 +117,7 @@ class Avx512Int4Kernel(Kernel):
             return f"activations are {layer.activation_dtype}; it takes bfloat16"
         if layer.out_features % BLOCK_ROWS:
             return f"out_features {layer.out_features} is not a multiple of {BLOCK_ROWS}"
+        assert layer.group_size is not None  # bits_reason refuses None
         if layer.group_size % GROUP_MULTIPLE:
             return f"group size {layer.group_size} is not a multiple of {GROUP_MULTIPLE}"
         return None

@@ -116,6 +116,7 @@ class Int4PackKernel(Kernel):
             return f"out_features {layer.out_features} is not a multiple of 16"
         if layer.in_features % 2:
             return f"in_features {layer.in_features} is odd"
+        assert layer.group_size is not None  # gptq_int4_reason refuses None
         if kernel_group_size(layer.group_size) is None:
             return f"group size {layer.group_size} is not a multiple of 32"
         if layer.activation_dtype not in ACTIVATION_DTYPES:
@@ -125,7 +126,10 @@ class Int4PackKernel(Kernel):
     def pack(self, layer: QuantizedLinear, weights: QuantizedWeights) -> dict[str, torch.Tensor]:
         codes = weights.q.to(torch.int32) + 8
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        repeat = layer.group_size // kernel_group_size(layer.group_size)
+        assert layer.group_size is not None  # layer_reason refused the layer otherwise
+        kernel_group = kernel_group_size(layer.group_size)
+        assert kernel_group is not None  # likewise
+        repeat = layer.group_size // kernel_group
         scale = weights.scale.float().repeat_interleave(repeat, dim=1)
         zero = torch.zeros_like(scale)
         if weights.zero_point is not None:

@@ -54,4 +54,6 @@ def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Te
 
 
 def dense_linear(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return F.linear(rows, dequantize(packed, scales_and_zeros))
+    weight = dequantize(packed, scales_and_zeros)
+    assert weight is not None  # int4pack_linear calls it only where decoded_here()
+    return F.linear(rows, weight)

@@ -19,7 +19,8 @@ def median_ms(fn, min_seconds: float = 0.3, min_runs: int = 5, max_runs: int = 2
     with torch.no_grad():
         for _ in range(warmup):
             fn()
-        times, start = [], time.perf_counter()
+        times: list[float] = []
+        start = time.perf_counter()
         while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
             begin = time.perf_counter()
             fn()
@@ -145,7 +146,10 @@ class GreedyComparison:
     @property
     def acceptable(self) -> bool:
         """Identical, or parting at a near-tie with logits close to the reference's."""
-        return self.identical or (self.margin <= NEAR_TIE_FACTOR * self.noise and self.sqnr_db >= MIN_LOGITS_SQNR_DB)
+        if self.identical:
+            return True
+        assert self.margin is not None and self.noise is not None and self.sqnr_db is not None  # compare_greedy gives them when not identical
+        return self.margin <= NEAR_TIE_FACTOR * self.noise and self.sqnr_db >= MIN_LOGITS_SQNR_DB
 
     def explain(self) -> str:
         if self.identical:

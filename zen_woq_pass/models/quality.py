@@ -73,7 +73,8 @@ def agreement(candidate_logits: torch.Tensor, reference_logits: torch.Tensor) ->
     candidate) in nats), over rows of [T', vocab] logits; float64 math."""
     if candidate_logits.shape != reference_logits.shape:
         raise ValueError(f"logits differ in shape: {list(candidate_logits.shape)} vs {list(reference_logits.shape)}")
-    same, kl = 0, 0.0
+    same: float = 0  # .item() is typed int | float
+    kl = 0.0
     for start in range(0, reference_logits.shape[0], ROWS):
         q_log = torch.log_softmax(candidate_logits[start : start + ROWS].double(), dim=-1)
         p_log = torch.log_softmax(reference_logits[start : start + ROWS].double(), dim=-1)

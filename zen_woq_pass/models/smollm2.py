@@ -93,7 +93,9 @@ def _make(variant: str, out: Path, root: Path) -> None:
     if variant == "dense":
         _convert_gguf(out)
     else:
-        _quantize(checkpoint("dense", root), out, *VARIANTS[variant])
+        algorithm_and_symmetric = VARIANTS[variant]
+        assert algorithm_and_symmetric is not None  # only "dense" has None
+        _quantize(checkpoint("dense", root), out, *algorithm_and_symmetric)
 
 
 def _convert_gguf(out: Path) -> None:
@@ -114,7 +116,7 @@ def _convert_gguf(out: Path) -> None:
     config = copy.deepcopy(loaded.config)
     del config.quantization_config
     config.eos_token_id = config.pad_token_id = end_id
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides self from mypy
     model.load_state_dict(loaded.state_dict())
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=end_id, pad_token_id=end_id)
     model.save_pretrained(out)
@@ -169,6 +171,7 @@ def _import_llmcompressor_logging_to_stderr() -> None:
 
 def main(argv=None) -> int:
     """``zen-woq make-model [VARIANT] [--cache-dir DIR]``: make (once) and print a checkpoint's path."""
+    assert main.__doc__ is not None  # the docstring above
     parser = argparse.ArgumentParser(prog="zen-woq make-model", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("variant", nargs="?", default="w4a16-rtn", choices=list(VARIANTS))
     parser.add_argument("--cache-dir", help="default: $ZEN_WOQ_CACHE, else ~/.cache/zen_woq_pass")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ def _model(recipe: Recipe):
         initializer_range=recipe.initializer_range,
     )
     torch.manual_seed(recipe.seed)
-    return model_cls(config).to(torch.bfloat16)
+    return model_cls(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides self from mypy
 
 
 def _tokenizer():
@@ -103,13 +104,14 @@ def _oneshot(recipe: Recipe, directory: Path, output_dir: Path | None):
     _tokenizer().save_pretrained(dense)
     rng = random.Random(recipe.seed)
     texts = ["".join(chr(rng.randrange(32, 127)) for _ in range(64)) for _ in range(16)]
+    output: dict[str, Any] = {"output_dir": str(output_dir)} if output_dir else {}
     return oneshot(
         model=str(dense),
         dataset=Dataset.from_dict({"text": texts}),
         recipe=_modifier(recipe),
         max_seq_length=64,
         num_calibration_samples=len(texts),
-        **({"output_dir": str(output_dir)} if output_dir else {}),
+        **output,
     )
 
 

@@ -40,6 +40,7 @@ def zentorch_reason(layer: QuantizedLinear) -> str | None:
     """zentorch WOQ: bf16 activations only; even group size (ZenDNN)."""
     if layer.activation_dtype != torch.bfloat16:
         return f"activations are {layer.activation_dtype}; zentorch WOQ takes bfloat16 only"
+    assert layer.group_size is not None  # callers ask gptq_int4_reason first, which refuses None
     if layer.group_size % 2:
         return f"group size {layer.group_size} is odd; ZenDNN WOQ needs an even group size"
     return None

@@ -41,11 +41,11 @@ class LayerPlan:
 def _decision(module_path: str, layer: QuantizedLinear | None, kernel, reasons, constants) -> LayerDecision:
     return LayerDecision(
         module_path=module_path,
-        out_features=layer and layer.out_features,
-        in_features=layer and layer.in_features,
-        group_size=layer and layer.group_size,
-        has_zero_point=layer and layer.has_zero_point,
-        weight_form=layer and layer.weight_form,
+        out_features=layer.out_features if layer is not None else None,
+        in_features=layer.in_features if layer is not None else None,
+        group_size=layer.group_size if layer is not None else None,
+        has_zero_point=layer.has_zero_point if layer is not None else None,
+        weight_form=layer.weight_form if layer is not None else None,
         kernel=kernel.name if kernel is not None else DEFAULT_PATH,
         reasons=tuple(reasons),
         held_bytes=sum(t.nbytes for t in constants.values()),

@@ -63,8 +63,7 @@ def _check(kernel, layer, weights, constants, bias) -> str | None:
     probes = [(rows, kernel.run, torch.randn(rows, layer.in_features, generator=generator)) for rows in PROBE_ROWS]
     if kernel.rounds_activations:
         probes.append((2, kernel.run, _with_outliers(torch.randn(2, layer.in_features, generator=generator), exact_weight)))
-    if kernel.eager_target is not None and prefill.dense_min_rows() is not None:
-        rows = prefill.dense_min_rows()
+    if kernel.eager_target is not None and (rows := prefill.dense_min_rows()) is not None:
         probes.append((rows, kernel.run_eager, torch.randn(rows, layer.in_features, generator=generator)))
     for rows, run, x in probes:
         x = x.to(layer.activation_dtype)

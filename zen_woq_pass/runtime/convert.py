@@ -12,6 +12,7 @@ Inference only: the model can no longer be saved as a compressed-tensors checkpo
 from __future__ import annotations
 
 import functools
+from typing import Callable, cast
 
 import torch
 
@@ -22,7 +23,7 @@ from zen_woq_pass.kernels.base import Kernel
 from zen_woq_pass.planning import plan as plans
 from zen_woq_pass.planning import report as report_module
 from zen_woq_pass.planning.options import Options
-from zen_woq_pass.planning.report import Report
+from zen_woq_pass.planning.report import LayerDecision, Report
 
 # compressed-tensors' tensors on a Linear, besides the dense ``weight`` of the unpacked forms
 CHECKPOINT_TENSOR_NAMES = (*PACKED_TENSOR_NAMES, "weight_shape")
@@ -36,6 +37,10 @@ class KernelForward:
 
     zen_woq_kernel: Kernel
     zen_woq_constant_names: tuple[str, ...]
+    zen_woq_target: Callable[..., torch.Tensor]
+    zen_woq_eager_target: Callable[..., torch.Tensor]
+    zen_woq_decision: LayerDecision
+    bias: torch.Tensor | None  # the Linear's (declared for the type checker)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.zen_woq_call(input, self.bias)
@@ -58,7 +63,7 @@ class KernelForward:
 def _rebuilt(base: type, kernel: Kernel | str, names: tuple[str, ...], forward: type):
     """An empty module of the class :func:`kernel_class` makes (``kernel``: a kernel, or the name
     of one in ``KERNELS``); pickle then sets its state."""
-    cls = kernel_class(base, KERNELS[kernel] if isinstance(kernel, str) else kernel, names, forward)
+    cls: type[torch.nn.Module] = kernel_class(base, KERNELS[kernel] if isinstance(kernel, str) else kernel, names, forward)
     return cls.__new__(cls)
 
 
@@ -96,7 +101,7 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
 def _tensors(module) -> dict[str, torch.Tensor]:
     """The layer's compressed-tensors tensors by role: packed, or a dense ``weight`` (decompressed
     by transformers, or calibrated: the fake-quant form)."""
-    names = ("weight_packed",) if isinstance(module, PackedForward) else ("weight",)
+    names: tuple[str, ...] = ("weight_packed",) if isinstance(module, PackedForward) else ("weight",)
     names += ("weight_scale", "weight_zero_point", "weight_g_idx")
     return {name: t for name in names if (t := getattr(module, name, None)) is not None}
 
@@ -151,8 +156,8 @@ def adopt(module: torch.nn.Module, plan: plans.LayerPlan, keep_weight: bool = Fa
     for name, tensor in plan.constants.items():
         module.register_buffer(f"zen_woq_{name}", tensor, persistent=False)
     module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
-    module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants))
-    module.zen_woq_decision = plan.decision
+    module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    module.zen_woq_decision = plan.decision  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
 
 
 def adopt_compiled(used) -> None:
@@ -174,7 +179,7 @@ def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dt
     groups :func:`zen_woq_pass.runtime.fuse.fuse_siblings` converted are reported as they are);
     layers left on the default path (``kernel="default"``, or nothing recoverable) keep their own
     tensors and forward."""
-    activation_dtype = activation_dtype or getattr(model, "dtype", torch.bfloat16)
+    activation_dtype = activation_dtype or cast(torch.dtype, getattr(model, "dtype", torch.bfloat16))
     decisions = []
     for name, module in model.named_modules():
         if isinstance(module, KernelForward):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     backend = functools.partial(compiler, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
-    skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    skip_module_guards: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     compiled = torch.compile(model.__call__, backend=backend, dynamic=True, options=skip_module_guards)
     # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make
     # them graph inputs, which Inductor cannot take as such, and dynamo would trace it all twice.

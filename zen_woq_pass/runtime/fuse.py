@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import threading
 import weakref
+from typing import Any, cast
 
 import torch
 
@@ -72,12 +73,12 @@ class PendingOutputs(threading.local):
         return output
 
     def keep(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        outputs = [y[..., start:stop] for start, stop in self.columns]
+        outputs: list[torch.Tensor | None] = [y[..., start:stop] for start, stop in self.columns]
         if torch.compiler.is_compiling():
             self.entry = (weakref.ref(x), None, outputs)
         else:
             self.entry = (weakref.ref(x, functools.partial(_drop, outputs)), _version(x), outputs)
-        return self.take(index, x)
+        return cast(torch.Tensor, self.take(index, x))  # just kept: there to take
 
 
 class FusedForward(KernelForward):
@@ -86,6 +87,7 @@ class FusedForward(KernelForward):
 
     zen_woq_index: int
     zen_woq_pending: PendingOutputs
+    zen_woq_fused_bias: torch.Tensor | None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         mine = self.zen_woq_pending.take(self.zen_woq_index, input)
@@ -95,11 +97,11 @@ class FusedForward(KernelForward):
         return self.zen_woq_pending.keep(self.zen_woq_index, input, y)
 
 
-def _concatenate(layers: list[QuantizedLinear], weights: list[QuantizedWeights], path: str):
+def _concatenate(layers: list[QuantizedLinear], weights: list[QuantizedWeights], path: str) -> tuple[QuantizedLinear, QuantizedWeights] | None:
     """One layer whose output is the siblings' outputs side by side, or None when they differ in
     anything but out_features (input, groups, zero points, form, having a bias)."""
     first = layers[0]
-    same = {"out_features": 0, "module_path": ""}
+    same: dict[str, Any] = {"out_features": 0, "module_path": ""}
     if any(dataclasses.replace(layer, **same) != dataclasses.replace(first, **same) for layer in layers):
         return None
     if first.has_g_idx:
@@ -107,14 +109,14 @@ def _concatenate(layers: list[QuantizedLinear], weights: list[QuantizedWeights],
     fused_weights = QuantizedWeights(
         q=torch.cat([w.q for w in weights]),
         scale=torch.cat([w.scale for w in weights]),
-        zero_point=torch.cat([w.zero_point for w in weights]) if first.has_zero_point else None,
+        zero_point=torch.cat([cast(torch.Tensor, w.zero_point) for w in weights]) if first.has_zero_point else None,  # all alike, checked above
         g_idx=None,
     )
     fused_layer = dataclasses.replace(first, module_path=path, out_features=sum(layer.out_features for layer in layers))
     return fused_layer, fused_weights
 
 
-def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options: Options, activation_dtype) -> bool:
+def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Linear]], options: Options, activation_dtype) -> bool:
     try:
         described = [describe_module(name, module, activation_dtype) for name, module in members]
     except NotRecoverable:
@@ -127,6 +129,7 @@ def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options:
     plan = plans.decide(*fused, bias, options)
     if plan.kernel is None:
         return False
+    assert plan.layer is not None  # decide's plans hold their layer
     sizes = [layer.out_features for layer, _ in described]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     columns = tuple((start, start + size) for start, size in zip(starts, sizes))
@@ -142,8 +145,9 @@ def _fuse(parent_name: str, members: list[tuple[str, torch.nn.Module]], options:
         )
         adopt(module, dataclasses.replace(plan, decision=decision))
         module.register_buffer("zen_woq_fused_bias", bias, persistent=False)
-        module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants), FusedForward)
-        module.zen_woq_index, module.zen_woq_pending = index, pending
+        # the ignore: mypy takes a class for not Hashable
+        module.__class__ = kernel_class(type(module), plan.kernel, tuple(plan.constants), FusedForward)  # type: ignore[arg-type]
+        module.zen_woq_index, module.zen_woq_pending = index, pending  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
     return True
 
 
@@ -159,5 +163,5 @@ def fuse_siblings(model: torch.nn.Module, options: Options, activation_dtype: to
         for names in SIBLINGS:
             members = [(f"{parent_name}.{n}", getattr(parent, n, None)) for n in names]
             if all(module is not None and is_convertible(module) for _, module in members):
-                fused += _fuse(parent_name, members, options, activation_dtype)
+                fused += _fuse(parent_name, cast("list[tuple[str, torch.nn.Linear]]", members), options, activation_dtype)  # convertible: Linears
     return fused

@@ -60,6 +60,9 @@ class _PicklesByBase:
 class GemvForward(_PicklesByBase):
     """Mixed in before a Linear class: one row through ``torch.mv``, anything else through F.linear."""
 
+    weight: torch.Tensor  # the Linear's (declared for the type checker)
+    bias: torch.Tensor | None
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.numel() != input.shape[-1]:
             return F.linear(input, self.weight, self.bias)
@@ -73,6 +76,11 @@ class GemvForward(_PicklesByBase):
 class PackedBf16Forward(_PicklesByBase):
     """Mixed in before a Linear class: up to ``PACKED_MAX_ROWS`` rows through the packed-bf16
     kernel (buffers ``zen_woq_packed``, ``zen_woq_tops``), anything else through F.linear."""
+
+    weight: torch.Tensor  # the Linear's (declared for the type checker)
+    bias: torch.Tensor | None
+    zen_woq_packed: torch.Tensor
+    zen_woq_tops: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.numel() // input.shape[-1]
@@ -98,7 +106,7 @@ def use_packed_bf16(module: torch.nn.Linear, packed: torch.Tensor, tops: torch.T
     (in place; its bf16 weight stays for more rows)."""
     module.register_buffer("zen_woq_packed", packed, persistent=False)
     module.register_buffer("zen_woq_tops", tops, persistent=False)
-    module.__class__ = _packed_class(type(module))
+    module.__class__ = _packed_class(type(module))  # type: ignore[arg-type]  # mypy: a class is not Hashable
 
 
 def _is_plain_dense(module: torch.nn.Module) -> bool:
@@ -136,7 +144,7 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
         out_features, in_features = module.weight.shape
         note = f"{name} {out_features}x{in_features} {str(module.weight.dtype).removeprefix('torch.')}, not quantized: "
         if why_not:
-            module.__class__ = _gemv_class(type(module))
+            module.__class__ = _gemv_class(type(module))  # type: ignore[arg-type]  # mypy: a class is not Hashable
             note += f"torch.mv at one row, F.linear above (packed-bf16 not used: {why_not})"
         else:
             use_packed_bf16(module, *packed_bf16.pack(module.weight))

@@ -30,6 +30,7 @@ import inspect
 import logging
 import textwrap
 import types
+from typing import cast
 
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
@@ -88,7 +89,7 @@ class RegionForward:
 
 
 @functools.cache
-def _region_class(cls: type) -> type:
+def _region_class(cls: type[torch.nn.Module]) -> type:
     return type(f"Region{cls.__name__}", (RegionForward, cls), {"zen_woq_layer_forward": cls.forward})
 
 
@@ -143,7 +144,7 @@ def _index_reads(tree: ast.AST) -> list[int]:
             isinstance(node, ast.Constant) and node.value == INDEX
         )
         if read and not _is_update_argument(node, parents):
-            lines.append(node.lineno)
+            lines.append(cast(ast.expr, node).lineno)  # read: an Attribute or a Constant
     return lines
 
 
@@ -154,7 +155,8 @@ def _known(function) -> bool:
 
 def _called_functions(function: types.FunctionType) -> list[types.FunctionType]:
     """The plain Python functions ``function`` names as globals or holds in its closure."""
-    names, codes = set(), [function.__code__]
+    names: set[str] = set()
+    codes = [function.__code__]
     while codes:
         code = codes.pop()
         names.update(code.co_names)
@@ -211,11 +213,11 @@ def _why_not(method: types.FunctionType) -> str | None:
 
 
 def _methods(cls: type) -> list[types.FunctionType]:
-    found = []
+    found: list[types.FunctionType] = []
     for value in vars(cls).values():
         value = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
         if isinstance(value, property):
-            found += [f for f in (value.fget, value.fset) if f is not None]
+            found += [cast(types.FunctionType, f) for f in (value.fget, value.fset) if f is not None]
         elif isinstance(value, types.FunctionType):
             found.append(value)
     return found
@@ -239,14 +241,14 @@ def why_not_shared(layer: torch.nn.Module) -> str | None:
     the functions those call) reads the layer index for more than the cache's ``update``, or
     cannot be read. None when it may."""
     for cls in dict.fromkeys(type(module) for module in layer.modules()):
-        reason = _why_not_class(cls)
+        reason = _why_not_class(cls)  # type: ignore[arg-type]  # mypy: a class is not Hashable
         if reason:
             return reason
     return None
 
 
 def _layer_index(layer: torch.nn.Module) -> int | None:
-    indices = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    indices = {cast(int, m.layer_idx) for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
     return indices.pop() if len(indices) == 1 else None
 
 
@@ -263,7 +265,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max(candidates, key=len, default=[])
 
 
-def _returns_a_tensor(cls: type) -> bool:
+def _returns_a_tensor(cls: type[torch.nn.Module]) -> bool:
     """A region must return tensors (else dynamo raises at compile time); transformers 5's decoder
     layers say they return one."""
     return inspect.signature(cls.forward).return_annotation in (torch.Tensor, "torch.Tensor")
@@ -273,7 +275,8 @@ def trace_layers_once(model: torch.nn.Module) -> int:
     """Make the model's decoder layers share one trace under compile (in place). Returns how many
     layers reuse another's trace."""
     layers = decoder_layers(model)
-    keys, refused = {}, {}
+    keys: dict[int, int] = {}  # structure -> layers
+    refused: dict[str, int] = {}  # reason -> layers
     for layer in layers:
         if isinstance(layer, RegionForward) or not _returns_a_tensor(type(layer)):
             continue
@@ -284,8 +287,9 @@ def trace_layers_once(model: torch.nn.Module) -> int:
         key = structure(layer)
         if key is None:
             continue
-        layer.zen_woq_layer_idx, layer.zen_woq_structure = _layer_index(layer), key
-        layer.__class__ = _region_class(type(layer))
+        # the ignore: nn.Module's __setattr__ is typed Tensor | Module
+        layer.zen_woq_layer_idx, layer.zen_woq_structure = _layer_index(layer), key  # type: ignore[assignment]
+        layer.__class__ = _region_class(type(layer))  # type: ignore[arg-type]  # mypy: a class is not Hashable
         keys[key] = keys.get(key, 0) + 1
     for reason, count in refused.items():
         logger.warning("zen_woq: decode step: %d decoder layer(s) traced each on its own: %s", count, reason)

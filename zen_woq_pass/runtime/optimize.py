@@ -85,7 +85,7 @@ def optimize(
     )
     logger.info("zen_woq: %s; %s", report.pages, report.attention)
     return_freed_heap()
-    model.zen_woq_report = report
+    model.zen_woq_report = report  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
     remember_model(model)  # a graph the user compiles later reports the layers it calls
     if compile:
         compile_decode(model, {"kernel": kernel, **inductor_config}, mode)
