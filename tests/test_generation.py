@@ -4,6 +4,7 @@ weights at 4 bits with no extra call."""
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import zen_woq_pass
 from zen_woq_pass.models.measure import greedy, linear_weight_bytes
@@ -53,13 +54,27 @@ def test_new_prompt_lengths_and_batches_do_not_recompile(checkpoints):
     assert all(r.count_calls("zentorch_woq_linear") == 14 for r in zen_woq_pass.recent_reports()[-warm_up:])
 
 
+def test_prompts_run_on_their_kernels_without_inductor_and_the_decode_step_compiles_once(checkpoints):
+    """A prompt's graph (many tokens per sequence) runs as the pass left it, with no Inductor
+    compile; the decode step compiles once, for every cache length (marked as varying up front)."""
+    model, reference = _compiled(checkpoints("llama_sym_g128"), "aten-int4")
+    with torch.no_grad():
+        _, prompt_code = run_and_get_code(model, INPUT_IDS[:1])
+    assert prompt_code == []
+    assert zen_woq_pass.last_report().count_calls("int4pack") == 14  # on the 4-bit kernel all the same
+    tokens, codes = run_and_get_code(greedy, model, INPUT_IDS[:1], NEW_TOKENS)
+    assert len(codes) == 1  # the decode step, once; the prompt again without Inductor
+    assert_same_greedy(checkpoints("llama_sym_g128"), model, INPUT_IDS[:1], tokens, reference)
+
+
 def test_one_copy_at_4_bits_with_no_extra_call(checkpoints):
     path = checkpoints("llama_sym_g128")
     model, reference = _compiled(path, "zentorch")
     tokens = greedy(model, INPUT_IDS[:1], NEW_TOKENS)
-    report = zen_woq_pass.recent_reports()[0]
+    report = zen_woq_pass.last_report()  # this generate's last graph: every layer, as each graph has
     dense = sum(d.dense_bytes for d in report.layers)
-    held = linear_weight_bytes(model) + zen_woq_pass.planning.plan.held_bytes()
+    constants = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for n, t in model.named_buffers() if "zen_woq_" in n}
+    held = linear_weight_bytes(model) + sum(constants.values())  # what the model holds, shared storages once
     print(f"4-bit weights held after compile and generate: {held / dense:.3f}x of dense bf16")
     assert linear_weight_bytes(model) == 0  # the checkpoint's copy is gone
     assert held / dense <= 0.3 and held == sum(d.held_bytes for d in report.layers)

@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.library_independent  # hand-built layers: transformers is imported, never read
+
 SCRIPT = textwrap.dedent(
     """
     import sys, torch, zen_woq_pass

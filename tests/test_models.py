@@ -147,15 +147,16 @@ def test_inductor_options_and_modes_pass_through(checkpoints, monkeypatch):
     monkeypatch.setattr(
         backend, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches) or real(gm, inputs, config_patches=config_patches)
     )
+    step = INPUT_IDS[:, :1]  # one token: a decode step's graph, which Inductor compiles (a prompt's runs as it is)
     model = load(checkpoints("llama_sym_g128"))
-    run_compiled(model, {"kernel": "zentorch", "freezing": True})
+    run_compiled(model, {"kernel": "zentorch", "freezing": True}, input_ids=step)
     assert len(zen_woq_pass.last_report().by_kernel()["zentorch"]) == 14
     assert patches[-1] == {"freezing": True}
     torch._dynamo.reset()
-    run_compiled(load(checkpoints("llama_sym_g128")), None, mode="max-autotune-no-cudagraphs")
+    run_compiled(load(checkpoints("llama_sym_g128")), None, input_ids=step, mode="max-autotune-no-cudagraphs")
     assert patches[-1] == {"max_autotune": True, "coordinate_descent_tuning": True}
     torch._dynamo.reset()
-    run_compiled(load(checkpoints("llama_sym_g128")), None, mode="reduce-overhead")  # CUDA graphs: none on CPU
+    run_compiled(load(checkpoints("llama_sym_g128")), None, input_ids=step, mode="reduce-overhead")  # CUDA graphs: none on CPU
     assert patches[-1] == {}
 
 

@@ -2,6 +2,7 @@
 real pass (match, predicate, pack, self-check, splice) and Inductor, for every kernel of the chain
 that can run here: the compiled layer equals the fp32 reference within the bf16 bound."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,6 +11,8 @@ import zen_woq_pass
 from zen_woq_pass.kernels import CHAIN
 from zen_woq_pass.models.probe import packed_linear
 from zen_woq_pass.planning import numerics
+
+pytestmark = pytest.mark.library_independent  # hand-built layers: transformers is imported, never read
 
 # forced, a kernel skips only the CPU gate (zentorch runs here under ZenDNN's reference algorithm)
 RUNNABLE_HERE = [kernel.name for kernel in CHAIN if kernel.platform_reason(forced=True) is None]

@@ -19,15 +19,19 @@ copies the ``__dict__`` of what it wraps, which would keep a snapshot of it aliv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 import weakref
 
+import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from zen_woq_pass.graph.rewrite import rewrite
+from zen_woq_pass.kernels import int4pack
 from zen_woq_pass.planning import plan, platform, prefill, selfcheck
 from zen_woq_pass.planning import report as report_module
 from zen_woq_pass.planning.options import DEFAULT, Options
@@ -36,6 +40,8 @@ from zen_woq_pass.runtime import convert
 logger = logging.getLogger(__name__)
 
 MAX_VARIANTS = 8
+_advised = False  # the decode-step advice was logged (:func:`_advise_once`)
+EMBEDDINGS = (torch.nn.functional.embedding, torch.ops.aten.embedding.default)
 
 
 def zen_woq(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -58,6 +64,41 @@ def reset() -> None:
 
 
 zen_woq.reset = reset  # type: ignore[attr-defined]  # mypy knows no function attributes; dynamo calls a backend's reset()
+
+
+def _token_embeddings(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The example values of ``gm``'s token embeddings: [..., tokens, hidden] in a language model."""
+    values = (
+        node.meta.get("example_value", node.meta.get("val")) for node in gm.graph.nodes if node.op == "call_function" and node.target in EMBEDDINGS
+    )
+    return [value for value in values if isinstance(value, torch.Tensor) and value.dim() >= 3]
+
+
+def _embeds_tokens(gm: fx.GraphModule) -> bool:
+    return bool(_token_embeddings(gm))
+
+
+def is_prompt(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is a language model's step over many tokens per sequence: its token embedding
+    gives [..., S, hidden] with S not the constant 1 (a decode step's S is 1; dynamo specializes it).
+
+    Such a graph runs once per ``generate`` (prefill), where the 4-bit kernels and GEMMs carry the
+    time and Inductor's fusions save little: compiling a SmolLM2 prompt's graph took 45-62 s on a
+    Zen 3, paid again for each new prompt shape. So it runs as the pass left it, on the kernels,
+    as ``optimize``'s prompts run eagerly."""
+    return any(not (isinstance(value.shape[-2], int) and value.shape[-2] == 1) for value in _token_embeddings(gm))
+
+
+def _advise_once(seconds: float) -> None:
+    """One line, once per process: a decode step compiled layer by layer, and the faster way in."""
+    global _advised
+    if not _advised:
+        _advised = True
+        logger.warning(
+            "zen_woq: this decode step compiled every decoder layer apart (%.0f s here); "
+            "zen_woq_pass.optimize(model, compile=True) traces and compiles one layer for all",
+            seconds,
+        )
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -87,7 +128,16 @@ class _GuardedGraph:
         gm, report, folded, used = rewrite(_copy(self.original), inputs, options)
         report_module.record(report)
         self.to_adopt += used
-        return compile_fx(gm, inputs, config_patches=dict(options.inductor_config)), folded
+        if report.layers and is_prompt(gm):
+            logger.info("zen_woq: a prompt's graph runs on its kernels without Inductor (once per generate: no compile)")
+            return gm, folded
+        regions = any(node.target is torch.ops.higher_order.invoke_subgraph for node in gm.graph.nodes)
+        start = time.perf_counter()
+        with int4pack.called_as_is_by_inductor() if regions else contextlib.nullcontext():
+            compiled = compile_fx(gm, inputs, config_patches=dict(options.inductor_config))
+        if report.layers and not regions and _embeds_tokens(gm):
+            _advise_once(time.perf_counter() - start)
+        return compiled, folded
 
     def _add_variant(self, inputs):
         compiled, folded = self._compile(inputs, self.options)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from zen_woq_pass.graph import ct_format
+from zen_woq_pass.graph import ct_format, varying_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -180,4 +180,5 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
         _owners[module.weight_packed] = weakref.ref(module)
         module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
         module.__class__ = _packed_class(type(module))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    varying_sizes.mark_on_every_call(model)
     return model

@@ -33,7 +33,7 @@ from transformers import masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
 from zen_woq_pass.graph.backend import zen_woq
-from zen_woq_pass.kernels import int4pack, native
+from zen_woq_pass.kernels import native
 from zen_woq_pass.runtime import attention, layer_regions
 
 logger = logging.getLogger(__name__)
@@ -59,12 +59,6 @@ def _step_inductor_config(one_graph: bool) -> dict:
     return config
 
 
-def _compiling_layers_apart(gm, example_inputs, **kwargs):
-    """The backend, for a step whose decoder layers Inductor compiles apart."""
-    with int4pack.called_as_is_by_inductor():
-        return zen_woq(gm, example_inputs, **kwargs)
-
-
 def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
     """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
     layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
@@ -78,8 +72,7 @@ def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | No
     else:
         logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
     inductor_config = _step_inductor_config(one_graph)
-    compiler = zen_woq if one_graph else _compiling_layers_apart
-    backend = functools.partial(compiler, options={**inductor_config, **backend_options}, mode=mode)
+    backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
     # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
     # (the backend's identity guard), and an optimized model is not rebuilt in place.
     skip_module_guards: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
