@@ -62,3 +62,15 @@ def test_the_package_has_no_import_cycles():
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as cycle:
         pytest.fail(f"import cycle: {' -> '.join(cycle.args[1])}")
+
+
+def test_names_users_were_shown_before_the_layout_still_work():
+    import zen_woq_pass
+    from zen_woq_pass import measure, platform, smollm2
+    from zen_woq_pass.models import measure as models_measure
+    from zen_woq_pass.runtime import attention
+
+    assert zen_woq_pass.attention.restore is attention.restore
+    assert measure is models_measure and callable(platform.cpu_info) and callable(smollm2.checkpoint)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        zen_woq_pass.nope

@@ -1,5 +1,9 @@
 """``backend="zen_woq"``: the pass, then Inductor for everything else, behind an identity guard.
 
+A language model's prompt graph (more than one token per sequence) is not handed to Inductor: it
+runs once per ``generate``, on the 4-bit kernels the pass put in, as the rewritten graph
+(:func:`_many_tokens`); a decode step's graph is compiled.
+
 Dynamo hands module parameters to backends as graph inputs, without guards on which tensors they
 are (it shares one compiled graph between instances of a module class). We fold their values into
 the compiled code, like Inductor's ``freezing``; so we guard them ourselves: each call checks that
@@ -74,19 +78,16 @@ def _token_embeddings(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [value for value in values if isinstance(value, torch.Tensor) and value.dim() >= 3]
 
 
-def _embeds_tokens(gm: fx.GraphModule) -> bool:
-    return bool(_token_embeddings(gm))
+def _many_tokens(embedding: torch.Tensor) -> bool:
+    """More than one token per sequence: a prompt. A decode step's count is the constant 1 (dynamo
+    specializes a size of 1); a prompt's is another constant or a symbol.
 
-
-def is_prompt(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` is a language model's step over many tokens per sequence: its token embedding
-    gives [..., S, hidden] with S not the constant 1 (a decode step's S is 1; dynamo specializes it).
-
-    Such a graph runs once per ``generate`` (prefill), where the 4-bit kernels and GEMMs carry the
-    time and Inductor's fusions save little: compiling a SmolLM2 prompt's graph took 45-62 s on a
-    Zen 3, paid again for each new prompt shape. So it runs as the pass left it, on the kernels,
-    as ``optimize``'s prompts run eagerly."""
-    return any(not (isinstance(value.shape[-2], int) and value.shape[-2] == 1) for value in _token_embeddings(gm))
+    A prompt's graph runs once per ``generate``, where the 4-bit kernels and GEMMs carry the time
+    and Inductor's fusions save little, while compiling it took 45-62 s for SmolLM2 on a Zen 3, paid
+    again for each new prompt shape. So it runs as the pass left it, on the kernels, as
+    ``optimize``'s prompts run eagerly."""
+    tokens = embedding.shape[-2]
+    return not (isinstance(tokens, int) and tokens == 1)
 
 
 def _advise_once(seconds: float) -> None:
@@ -95,7 +96,7 @@ def _advise_once(seconds: float) -> None:
     if not _advised:
         _advised = True
         logger.warning(
-            "zen_woq: this decode step compiled every decoder layer apart (%.0f s here); "
+            "zen_woq: this decode step compiled each decoder layer on its own (%.0f s here); "
             "zen_woq_pass.optimize(model, compile=True) traces and compiles one layer for all",
             seconds,
         )
@@ -128,14 +129,16 @@ class _GuardedGraph:
         gm, report, folded, used = rewrite(_copy(self.original), inputs, options)
         report_module.record(report)
         self.to_adopt += used
-        if report.layers and is_prompt(gm):
+        on_kernels = any(d.kernel != report_module.DEFAULT_PATH for d in report.layers)
+        embeddings = _token_embeddings(gm)
+        if on_kernels and any(_many_tokens(e) for e in embeddings):
             logger.info("zen_woq: a prompt's graph runs on its kernels without Inductor (once per generate: no compile)")
             return gm, folded
         regions = any(node.target is torch.ops.higher_order.invoke_subgraph for node in gm.graph.nodes)
         start = time.perf_counter()
         with int4pack.called_as_is_by_inductor() if regions else contextlib.nullcontext():
             compiled = compile_fx(gm, inputs, config_patches=dict(options.inductor_config))
-        if report.layers and not regions and _embeds_tokens(gm):
+        if on_kernels and embeddings and not regions and not dict(options.inductor_config).get("cpp_wrapper"):
             _advise_once(time.perf_counter() - start)
         return compiled, folded
 
