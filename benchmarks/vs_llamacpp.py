@@ -33,7 +33,8 @@ from pathlib import Path
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
-# kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "cpp-wrapper"); an engine named
+# kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "cpp-wrapper"; or "backend-forward",
+# "backend-compile-config": the backend's own ways in, on a kept-compressed model); an engine named
 # "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
@@ -55,6 +56,16 @@ ENGINES = {
     ),
     "zen_woq-aten-int4-compiled": ("zen_woq aten-int4 + compile=True, W4A16 RTN", "w4a16-rtn", "aten-int4+compile"),
     "zen_woq-auto-compiled-int8-head": ('zen_woq auto + compile=True + lm_head="int8" (opt-in), W4A16 RTN', "w4a16-rtn", "auto+compile+int8-head"),
+    "zen_woq-backend-forward": (
+        'keep_compressed + model.forward = torch.compile(model.forward, backend="zen_woq")',
+        "w4a16-rtn",
+        "backend-forward",
+    ),
+    "zen_woq-backend-compile-config": (
+        'keep_compressed + static cache + CompileConfig(backend="zen_woq")',
+        "w4a16-rtn",
+        "backend-compile-config",
+    ),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
@@ -185,6 +196,16 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
         model.generation_config.cache_implementation = "static"
         model.generation_config.compile_config = CompileConfig(dynamic=True)
         model.generation_config.compile_config._compile_all_devices = True
+    elif how in ("backend-forward", "backend-compile-config"):  # the backend's own ways in
+        from transformers.generation.configuration_utils import CompileConfig
+
+        zen_woq_pass.keep_compressed(model)
+        if how == "backend-forward":
+            model.forward = torch.compile(model.forward, backend="zen_woq")
+        else:
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.compile_config = CompileConfig(backend="zen_woq")
+            model.generation_config.compile_config._compile_all_devices = True
     elif how is not None:
         kernel, *extras = how.split("+")
         lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)
