@@ -175,10 +175,19 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
     return row, torch.cat(rows)
 
 
+def _decode_step_compiled_by_transformers(model, config) -> None:
+    """A static cache, and transformers' own compile of the decode step with ``config`` (on CPU
+    only when asked so)."""
+    config._compile_all_devices = True
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = config
+
+
 def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]:
     """transformers eager, Inductor, or ``zen_woq_pass.optimize``; the model's own forward for quality."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.generation.configuration_utils import CompileConfig
 
     import zen_woq_pass
     from zen_woq_pass.models import quality
@@ -191,21 +200,13 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     if how == "inductor":
         model.forward = torch.compile(model.forward)
     elif how == "inductor-decode":  # what compile=True does, with stock Inductor: the fair compile-time base
-        from transformers.generation.configuration_utils import CompileConfig
-
-        model.generation_config.cache_implementation = "static"
-        model.generation_config.compile_config = CompileConfig(dynamic=True)
-        model.generation_config.compile_config._compile_all_devices = True
-    elif how in ("backend-forward", "backend-compile-config"):  # the backend's own ways in
-        from transformers.generation.configuration_utils import CompileConfig
-
+        _decode_step_compiled_by_transformers(model, CompileConfig(dynamic=True))
+    elif how == "backend-forward":  # the backend's own ways in, on a kept-compressed model
         zen_woq_pass.keep_compressed(model)
-        if how == "backend-forward":
-            model.forward = torch.compile(model.forward, backend="zen_woq")
-        else:
-            model.generation_config.cache_implementation = "static"
-            model.generation_config.compile_config = CompileConfig(backend="zen_woq")
-            model.generation_config.compile_config._compile_all_devices = True
+        model.forward = torch.compile(model.forward, backend="zen_woq")
+    elif how == "backend-compile-config":
+        zen_woq_pass.keep_compressed(model)
+        _decode_step_compiled_by_transformers(model, CompileConfig(backend="zen_woq"))
     elif how is not None:
         kernel, *extras = how.split("+")
         lm_head = next((extra.removesuffix("-head") for extra in extras if extra.endswith("-head")), None)

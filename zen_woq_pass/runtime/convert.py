@@ -174,12 +174,18 @@ def is_convertible(module: torch.nn.Module) -> bool:
     return is_quantized_linear(module) and any(hasattr(module, n) for n in ("weight_packed", "weight_scale"))
 
 
+def activation_dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's Linears are planned for when the caller names none: the model's own
+    (one rule, so fused groups and single layers are planned alike)."""
+    return cast(torch.dtype, getattr(model, "dtype", torch.bfloat16))
+
+
 def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dtype | None = None) -> Report:
     """Plan and adopt every compressed-tensors Linear of ``model`` not converted yet (sibling
     groups :func:`zen_woq_pass.runtime.fuse.fuse_siblings` converted are reported as they are);
     layers left on the default path (``kernel="default"``, or nothing recoverable) keep their own
     tensors and forward."""
-    activation_dtype = activation_dtype or cast(torch.dtype, getattr(model, "dtype", torch.bfloat16))
+    activation_dtype = activation_dtype or activation_dtype_of(model)
     decisions = []
     for name, module in model.named_modules():
         if isinstance(module, KernelForward):

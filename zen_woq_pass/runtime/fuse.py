@@ -31,7 +31,7 @@ from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.graph.match import NotRecoverable
 from zen_woq_pass.planning import plan as plans
 from zen_woq_pass.planning.options import DEFAULT, Options
-from zen_woq_pass.runtime.convert import KernelForward, adopt, describe_module, is_convertible, kernel_class
+from zen_woq_pass.runtime.convert import KernelForward, activation_dtype_of, adopt, describe_module, is_convertible, kernel_class
 
 # children of one module that transformers' Llama-like models call on the same input
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -157,7 +157,7 @@ def fuse_siblings(model: torch.nn.Module, options: Options, activation_dtype: to
     after). Returns the groups fused."""
     if options.kernel == DEFAULT:
         return 0
-    activation_dtype = activation_dtype or getattr(model, "dtype", torch.bfloat16)
+    activation_dtype = activation_dtype or activation_dtype_of(model)
     fused = 0
     for parent_name, parent in model.named_modules():
         for names in SIBLINGS:
