@@ -34,10 +34,10 @@ from zen_woq_pass.models.measure import greedy, time_generation
 
 # label -> optimize's keywords
 ZEN_WOQ = {
-    "zen_woq compile=True": {"compile": True},
+    "zen_woq optimize() (the default: compiled decode step)": {},
     "zen_woq compile=True, cpp_wrapper=True (one graph)": {"compile": True, "cpp_wrapper": True},
     "zen_woq compile=True + lm_head=int8 (opt-in)": {"compile": True, "lm_head": "int8"},
-    "zen_woq eager (default)": {},
+    "zen_woq compile=False (every step eager)": {"compile": False},
 }
 LLAMA = "llama.cpp Q4_1 (GGUF as shipped)"
 

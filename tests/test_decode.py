@@ -156,3 +156,49 @@ def test_each_4_bit_kernel_decodes_in_the_compiled_step(checkpoints, kernel, cpp
     assert codes and all(("CppWrapperCodeCache" in code) == one_graph for code in codes), codes[0][:2000]
     assert all(("subgraph_0(args)" in code) != one_graph for code in codes)  # the layer's code, called per layer
     assert not any("assert_size_stride(" in code for code in codes)  # dynamo's guards check the inputs
+
+
+def test_a_batch_of_left_padded_prompts_decodes_on_the_4_bit_kernels_as_each_prompt_alone(checkpoints):
+    """``generate`` on 8 prompts of different lengths at once (left padding, greedy), through the
+    default ``optimize``: one compiled step whose 4-bit calls take the batch's 8 rows, and each
+    row's tokens those of its prompt alone on the eager reference, but for near-ties."""
+    path = checkpoints("qwen2_asym_bias")  # zero points and biases
+    lengths = [12, 11, 9, 12, 5, 8, 3, 10]
+    prompts = [torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(n + i)) for i, n in enumerate(lengths)]
+    ids, padding = torch.zeros(len(prompts), max(lengths), dtype=torch.long), torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, -prompt.shape[1] :], padding[row, -prompt.shape[1] :] = prompt[0], 1
+    model = zen_woq_pass.optimize(load(path, keep=False))  # the default compiles the decode step
+    tokens = []
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=padding, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        tokens.append(out[:, ids.shape[1] :])
+
+    [step] = _graphs_compiled_by(generate)
+    assert sum(step.count_calls(call) for call in KERNEL_CALLS.values()) == 8, "\n".join(step.graph_calls)
+    for row, prompt in enumerate(prompts):
+        assert_same_greedy(path, model, prompt, tokens[0][row : row + 1], greedy(load_reference(path), prompt, NEW_TOKENS))
+
+
+def test_optimize_compiles_the_decode_step_by_default_and_says_so(checkpoints):
+    path = checkpoints("llama_sym_g128")
+    compiled = zen_woq_pass.optimize(load(path, keep=False))
+    assert compiled.zen_woq_report.decode.startswith("decode: generate's step compiled on its first call")
+    assert compiled.zen_woq_report.decode in str(compiled.zen_woq_report)
+    assert compiled.generation_config.cache_implementation == "static"
+    eager = zen_woq_pass.optimize(load(path, keep=False), compile=False)
+    assert eager.zen_woq_report.decode == "decode: every step eager (compile=False)"
+    assert "get_compiled_call" not in vars(eager) and eager.generation_config.compile_config is None
+    assert _graphs_compiled_by(lambda: greedy(eager, INPUT_IDS[:1], 4)) == []
+
+
+def test_without_a_cpp_compiler_the_decode_step_stays_eager_and_the_report_says_why(checkpoints):
+    """Inductor's CPU code needs a C++ compiler; where it finds none (here: told to use one that
+    does not exist), the default must not fail on the first ``generate``."""
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False))
+    assert model.zen_woq_report.decode.startswith("decode: every step eager: Inductor finds no C++ compiler"), model.zen_woq_report.decode
+    assert "get_compiled_call" not in vars(model)
+    assert _graphs_compiled_by(lambda: greedy(model, INPUT_IDS[:1], 4)) == []

@@ -253,3 +253,4 @@ def test_an_optimized_model_deep_copies_and_the_copy_computes_the_same(checkpoin
     with torch.no_grad():
         assert torch.equal(twin(INPUT_IDS).logits, model(INPUT_IDS).logits)
     assert twin.model.layers[0].self_attn.q_proj.zen_woq_pending is twin.model.layers[0].self_attn.v_proj.zen_woq_pending
+    assert twin.get_compiled_call.model is twin  # the copy's generate compiles its own step, on its own weights

@@ -166,6 +166,7 @@ def test_an_optimized_model_pickles_and_the_copy_computes_the_same(checkpoints):
     model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False))
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy.lm_head) is type(model.lm_head)
+    assert copy.get_compiled_call.model is copy  # its decode step is its own (compiled on its first generate)
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(copy(ids).logits, model(ids).logits)

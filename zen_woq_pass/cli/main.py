@@ -56,13 +56,13 @@ def _answer(tokenizer, tokens: torch.Tensor) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compile: bool = False) -> bool:
+def run(model_dir: str | None, prompt: str, new_tokens: int, kernel: str, compile: bool = True) -> bool:
     """The main job; True when the optimized model's answer agrees with transformers' own (the
     same greedy tokens, or parting only at a near-tie within bf16 rounding noise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, chosen = _model_path(model_dir)
-    print(f"model: {path} ({chosen}); kernel={kernel}{', compiled' if compile else ''}")
+    print(f"model: {path} ({chosen}); kernel={kernel}, {'compiled decode step' if compile else 'eager'}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = _prompt_ids(tokenizer, prompt)
 
@@ -111,7 +111,10 @@ def main(argv=None) -> int:
     run_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     run_parser.add_argument("--max-new-tokens", type=int, default=32)
     run_parser.add_argument("--kernel", default="auto", choices=["auto", "default", *KERNELS])
-    run_parser.add_argument("--compile", action="store_true", help="also compile generate's decode step (about 20 s cold on SmolLM2; faster decode)")
+    run_parser.add_argument(
+        "--eager", action="store_true", help="do not compile generate's decode step (a first answer in about a second; slower decode)"
+    )
+    run_parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # the default now; accepted as before
     commands.add_parser("make-model", help="make (once) a SmolLM2 checkpoint and print its path", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "make-model":
@@ -127,4 +130,4 @@ def main(argv=None) -> int:
         print("\n".join(evidence.report()))
         return 0
     logging.basicConfig(level=logging.WARNING)
-    return 0 if run(args.model_dir, args.prompt, args.max_new_tokens, args.kernel, args.compile) else 1
+    return 0 if run(args.model_dir, args.prompt, args.max_new_tokens, args.kernel, compile=not args.eager) else 1

@@ -48,6 +48,7 @@ class Report:
     dense_layers: tuple[str, ...] = ()  # what optimize chose for the layers left unquantized (the lm_head)
     pages: str = ""  # where optimize put the weights a decode step streams (zen_woq_pass.runtime.huge_pages)
     attention: str = ""  # what computes the attention (zen_woq_pass.runtime.attention)
+    decode: str = ""  # how generate's decode step runs: compiled once, or eager and why (optimize)
 
     def by_kernel(self) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -72,8 +73,8 @@ class Report:
 
     @property
     def notes(self) -> list[str]:
-        """The lines under the table: memory, pages, attention, the dense layers."""
-        return [line for line in (self.memory_note, self.pages, self.attention, *self.dense_layers) if line]
+        """The lines under the table: memory, pages, attention, the decode step, the dense layers."""
+        return [line for line in (self.memory_note, self.pages, self.attention, self.decode, *self.dense_layers) if line]
 
     def rows(self) -> list[tuple[str, ...]]:
         def show(value):

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from transformers import masking_utils
+from transformers import PreTrainedModel, masking_utils
 from transformers.generation.configuration_utils import CompileConfig
 
 from zen_woq_pass.graph.backend import zen_woq
@@ -59,49 +59,89 @@ def _step_inductor_config(one_graph: bool) -> dict:
     return config
 
 
-def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> None:
+def cannot_compile_reason() -> str | None:
+    """Why Inductor cannot build CPU code here (no C++ compiler), or None. ``optimize`` compiles
+    the decode step by default: without a compiler the first ``generate`` would fail, so it stays
+    eager and says so."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as error:  # Inductor's InvalidCxxCompiler, or whatever its search raised
+        return f"Inductor finds no C++ compiler ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return None
+
+
+def compile_decode(model: torch.nn.Module, backend_options: dict, mode: str | None = None) -> str:
     """Make ``model.generate`` decode through a ``backend="zen_woq"`` graph (in place): its decoder
-    layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++."""
+    layers compiled once, or, with ``cpp_wrapper=True``, the step as one graph called from C++.
+    Returns the line the report shows."""
     if model.config._attn_implementation == attention.NAME:
         logger.info("zen_woq: decode step: one query's attention as tensor math (%s)", attention.NAME)
     reused = layer_regions.trace_layers_once(model)
     logger.info("zen_woq: decode step: %d decoder layers reuse another's trace", reused)
-    one_graph = bool(backend_options.get("cpp_wrapper"))
-    if one_graph:
-        logger.info("zen_woq: decode step: cpp_wrapper=True: compiled as one graph, called from C++")
+    if backend_options.get("cpp_wrapper"):
+        line = "decode: generate's step compiled on its first call (static cache), as one graph called from C++ (cpp_wrapper=True)"
     else:
-        logger.info("zen_woq: decode step: Inductor compiles each distinct decoder layer once, called from Python")
-    inductor_config = _step_inductor_config(one_graph)
-    backend = functools.partial(zen_woq, options={**inductor_config, **backend_options}, mode=mode)
-    # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked anyway
-    # (the backend's identity guard), and an optimized model is not rebuilt in place.
-    skip_module_guards: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    compiled = torch.compile(model.__call__, backend=backend, dynamic=True, options=skip_module_guards)
-    # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would make
-    # them graph inputs, which Inductor cannot take as such, and dynamo would trace it all twice.
-    # The patch is made once: making it per call cost 117 us a step, entering it 5 us.
-    # For ``one_graph`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
-    patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=one_graph)(compiled)
-
-    def decode_step(*args, **kwargs):
-        layer_regions.keep_cache_shapes_static(kwargs.get("past_key_values"))
-        return patched(*args, **kwargs)
-
-    config = CompileConfig(backend="zen_woq", dynamic=True)
-    config._compile_all_devices = True  # transformers compiles on CPU only when asked so
-    transformers_compiled_call = model.get_compiled_call
-
-    def get_compiled_call(compile_config=None):
-        """transformers asks for the decode step per ``generate``; a user's own compile config wins."""
-        if compile_config is None or compile_config.to_dict() == config.to_dict():
-            return decode_step
-        return transformers_compiled_call(compile_config)
-
+        line = "decode: generate's step compiled on its first call (static cache), each distinct decoder layer once"
+    logger.info("zen_woq: %s", line)
     model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = config
-    model.get_compiled_call = get_compiled_call
+    model.generation_config.compile_config = _our_compile_config()
+    model.get_compiled_call = DecodeStep(cast(PreTrainedModel, model), backend_options, mode)  # a transformers model
     if not hasattr(type(model), "create_masks_for_generate"):  # a model's own masks (multimodal) stay
         model.create_masks_for_generate = _padding_mask_for_the_graph
+    return line
+
+
+def _our_compile_config() -> CompileConfig:
+    """What ``generate`` hands :class:`DecodeStep` when the user brought no compile config."""
+    config = CompileConfig(backend="zen_woq", dynamic=True)
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked so
+    return config
+
+
+class DecodeStep:
+    """The model's ``get_compiled_call``: transformers asks it for the decode step per ``generate``.
+
+    It compiles on the first ask. A copy of the model (``copy.deepcopy``, pickle) holds a copy of
+    this object bound to the copy, and compiles its own step: a step compiled for one model calls
+    that model's modules, so it is never copied."""
+
+    def __init__(self, model: PreTrainedModel, backend_options: dict, mode: str | None):
+        self.model, self.backend_options, self.mode = model, backend_options, mode
+        self._step: Any = None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_step": None}
+
+    def __call__(self, compile_config: CompileConfig | None = None):
+        """Our step, unless the user's ``generate`` brings a compile config of its own."""
+        if compile_config is not None and compile_config.to_dict() != _our_compile_config().to_dict():
+            return type(self.model).get_compiled_call(self.model, compile_config)
+        if self._step is None:
+            self._step = self._compiled()
+        return self._step
+
+    def _compiled(self):
+        layer_regions.trace_layers_once(self.model)  # a copy's layers were copied as plain ones
+        one_graph = bool(self.backend_options.get("cpp_wrapper"))
+        options = {**_step_inductor_config(one_graph), **self.backend_options}
+        backend = functools.partial(zen_woq, options=options, mode=self.mode)
+        # Guards on the modules' attributes took 1.5 ms of a 15 ms step; the weights are checked
+        # anyway (the backend's identity guard), and an optimized model is not rebuilt in place.
+        skip_module_guards: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        compiled = torch.compile(self.model.__call__, backend=backend, dynamic=True, options=skip_module_guards)
+        # Python floats in the step (eps, scaling) are the model's constants: dynamic=True would
+        # make them graph inputs, which Inductor cannot take as such, and dynamo would trace it all
+        # twice. The patch is made once: making it per call cost 117 us a step, entering it 5 us.
+        # For ``one_graph`` dynamo puts the traced layers back into one graph, for the C++ wrapper.
+        patched = torch._dynamo.config.patch(specialize_float=True, inline_invoke_subgraph=one_graph)(compiled)
+
+        def decode_step(*args, **kwargs):
+            layer_regions.keep_cache_shapes_static(kwargs.get("past_key_values"))
+            return patched(*args, **kwargs)
+
+        return decode_step
 
 
 def _padding_mask_for_the_graph(*, attention_mask, past_key_values, **kwargs):

@@ -87,6 +87,18 @@ class RegionForward:
             return self.zen_woq_layer_forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
         return _region(self, hidden_states, slot.keys, slot.values, slot.cumulative_length, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        """Pickled (and deep-copied) as the plain layer: its class is made at run time, and its
+        structure hash was taken of this layer's objects. The copy's own decode step traces its
+        layers again (:func:`trace_layers_once`)."""
+        plain = type(self).__bases__[1]  # _region_class: (RegionForward, the layer's class)
+        state = {k: v for k, v in self.__getstate__().items() if k not in ("zen_woq_layer_idx", "zen_woq_structure")}
+        return _plain_layer, (plain,), state
+
+
+def _plain_layer(cls: type[torch.nn.Module]) -> torch.nn.Module:
+    return cls.__new__(cls)
+
 
 @functools.cache
 def _region_class(cls: type[torch.nn.Module]) -> type:
