@@ -303,8 +303,8 @@ def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
         print(f"# {engine}: SIGILL; again without llama.cpp's extra buffer types (AMX, repacking)", file=sys.stderr)
         return spawn(engine, work, args, extra_bufts=False)
     reason = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit {done.returncode}"
-    errors = [line.strip() for line in done.stdout.splitlines() if re.search(r"\w+Error: ", line)]
-    return {"engine": engine, "label": label, "error": reason + (f" ({errors[-1][-200:]})" if errors else "")}
+    errors = [line.strip() for line in done.stdout.splitlines() if re.search(r"\w+Error: ", line)]  # the first: the cause
+    return {"engine": engine, "label": label, "error": reason + (f" ({errors[0][-200:]})" if errors else "")}
 
 
 def machine(threads: int) -> dict:
@@ -357,7 +357,8 @@ def table(rows: list[dict], info: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 11)
             continue
-        agreement = f"{row['top-1 vs w4a16']:.3f} / {row.get('KLD vs w4a16', float('nan')):.4f}" if "top-1 vs w4a16" in row else "-"
+        kld_w4a16 = f"{row['KLD vs w4a16']:.4f}" if "KLD vs w4a16" in row else "-"  # vLLM's row has top-1 only
+        agreement = f"{row['top-1 vs w4a16']:.3f} / {kld_w4a16}" if "top-1 vs w4a16" in row else "-"
         kld = f"{row['KLD vs bf16']:.4f}" if "KLD vs bf16" in row else "-"
         kernels = ", ".join(f"{k} x{n}" for k, n in row.get("kernels", {}).items()) or "-"
         lines.append(
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
     if info["zentorch"] != "supported" and "zen_woq-zentorch" in engines:
         engines.remove("zen_woq-zentorch")
         print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)
-    variants = {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}
+    variants = {"dense"} | {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}  # dense: the tokenizer
     checkpoints = {v: str(smollm2.checkpoint(v)) for v in sorted(variants)}
     ppl_tokens = 2048 if args.quick else 4096
     ids = AutoTokenizer.from_pretrained(checkpoints["dense"])(quality.evaluation_text()).input_ids[:ppl_tokens]
