@@ -160,8 +160,9 @@ def test_each_4_bit_kernel_decodes_in_the_compiled_step(checkpoints, kernel, cpp
 
 def test_a_batch_of_left_padded_prompts_decodes_on_the_4_bit_kernels_as_each_prompt_alone(checkpoints):
     """``generate`` on 8 prompts of different lengths at once (left padding, greedy), through the
-    default ``optimize``: one compiled step whose 4-bit calls take the batch's 8 rows, and each
-    row's tokens those of its prompt alone on the eager reference, but for near-ties."""
+    default ``optimize``: one compiled step for the whole batch, every projection in it a 4-bit
+    call (q/k/v, o, gate/up, down per layer), and each row's tokens those of its prompt alone on
+    the eager reference, but for near-ties."""
     path = checkpoints("qwen2_asym_bias")  # zero points and biases
     lengths = [12, 11, 9, 12, 5, 8, 3, 10]
     prompts = [torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(n + i)) for i, n in enumerate(lengths)]
