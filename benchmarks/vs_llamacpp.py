@@ -187,19 +187,24 @@ def _decode_step_compiled_by_transformers(model, config) -> None:
     model.generation_config.compile_config = config
 
 
+def batch_prompts(ids: list[int]) -> list[list[int]]:
+    """The ``BATCH`` prompts every row's throughput is timed on: 32 down to 18 tokens, from
+    different places in the text (vllm_row.py takes them from here too)."""
+    return [ids[40 * i : 40 * i + PROMPT - 2 * i] for i in range(BATCH)]
+
+
 def _batch_tokens_per_s(model, ids, new: int) -> float:
-    """New tokens per second of one greedy ``generate`` on ``BATCH`` prompts of 32 down to 18
-    tokens, left-padded (prompts and decode timed together, as a server's throughput is); the
-    median of 2 after a warm-up (which may compile the batch's own step)."""
+    """New tokens per second of one greedy ``generate`` on the ``batch_prompts``, left-padded
+    (prompts and decode timed together, as a server's throughput is); the median of 2 after a
+    warm-up (which may compile the batch's own step)."""
     import torch
 
     from zen_woq_pass.models.measure import median_ms
 
-    rows = [ids[0, 40 * i : 40 * i + PROMPT - 2 * i] for i in range(BATCH)]
     input_ids = torch.zeros(BATCH, PROMPT, dtype=ids.dtype)
     mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, PROMPT - len(row) :], mask[i, PROMPT - len(row) :] = row, 1
+    for i, row in enumerate(batch_prompts(ids[0].tolist())):
+        input_ids[i, PROMPT - len(row) :], mask[i, PROMPT - len(row) :] = torch.tensor(row), 1
 
     def generate():
         with torch.no_grad():
@@ -292,14 +297,14 @@ def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
         if not args.vllm_python:
             return {"engine": engine, "label": label, "error": "no --vllm-python (vLLM's own venv: docs/benchmarks.md)"}
         command = [args.vllm_python, str(Path(__file__).with_name("vllm_row.py")), str(work), variant]
-        env["VLLM_CPU_KVCACHE_SPACE"] = env.get("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in done.stdout.splitlines():
         if line.startswith(MARK):
             row = {"engine": engine, "label": label, **json.loads(line[len(MARK) :])}
             kernels = re.findall(r"Using (\w+) for CompressedTensorsWNA16", done.stdout)  # vLLM's log
             return row | ({"kernels": {k: kernels.count(k) for k in dict.fromkeys(kernels)}} if kernels else {})
-    if done.returncode == -signal.SIGILL and ENGINES[engine][2] == "llama" and extra_bufts:
+    if done.returncode == -signal.SIGILL and how == "llama" and extra_bufts:
         print(f"# {engine}: SIGILL; again without llama.cpp's extra buffer types (AMX, repacking)", file=sys.stderr)
         return spawn(engine, work, args, extra_bufts=False)
     reason = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit {done.returncode}"

@@ -129,7 +129,7 @@ class _GuardedGraph:
         gm, report, folded, used = rewrite(_copy(self.original), inputs, options)
         report_module.record(report)
         self.to_adopt += used
-        on_kernels = any(d.kernel != report_module.DEFAULT_PATH for d in report.layers)
+        on_kernels = bool(report.replaced)
         embeddings = _token_embeddings(gm)
         if on_kernels and any(_many_tokens(e) for e in embeddings):
             logger.info("zen_woq: a prompt's graph runs on its kernels without Inductor (once per generate: no compile)")

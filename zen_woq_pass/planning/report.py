@@ -56,12 +56,17 @@ class Report:
             result.setdefault(layer.kernel, []).append(layer.module_path)
         return result
 
+    @property
+    def replaced(self) -> list[LayerDecision]:
+        """The layers a kernel of the chain runs (not left on the default path)."""
+        return [d for d in self.layers if d.kernel != DEFAULT_PATH]
+
     def count_calls(self, fragment: str) -> int:
         return sum(fragment in target for target in self.graph_calls)
 
     @property
     def memory_note(self) -> str:
-        replaced = [d for d in self.layers if d.kernel != DEFAULT_PATH]
+        replaced = self.replaced
         if not replaced:
             return ""
         held, dense = sum(d.held_bytes for d in replaced), sum(d.dense_bytes for d in replaced)
