@@ -36,7 +36,7 @@ BATCH = 8  # prompts in one generate, as vLLM's 8 requests
 MARK = "@@vs_llamacpp "  # the child's result line on stdout
 # engine -> (label, checkpoint variant or GGUF type, how it runs: None eager, "inductor", "llama", or a zen_woq
 # kernel with "+"-joined extras: "compile", "int4-head", "int8-head", "cpp-wrapper"; or "backend-forward",
-# "backend-compile-config": the backend's own ways in, on a kept-compressed model; "vllm": vllm_row.py
+# "backend-module-compile", "backend-compile-config": the backend's own ways in, on a kept-compressed model; "vllm": vllm_row.py
 # in vLLM's own venv, --vllm-python); an engine named "<row>-warm" runs again with that row's Inductor cache
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
@@ -63,6 +63,8 @@ ENGINES = {
         "w4a16-rtn",
         "backend-forward",
     ),
+    "zen_woq-backend-forward-warm": ("the same, a second process (the row above's caches)", "w4a16-rtn", "backend-forward"),
+    "zen_woq-backend-module-compile": ('keep_compressed + model.compile(backend="zen_woq")', "w4a16-rtn", "backend-module-compile"),
     "zen_woq-backend-compile-config": (
         'keep_compressed + static cache + CompileConfig(backend="zen_woq")',
         "w4a16-rtn",
@@ -234,6 +236,9 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     elif how == "backend-forward":  # the backend's own ways in, on a kept-compressed model
         zen_woq_pass.keep_compressed(model)
         model.forward = torch.compile(model.forward, backend="zen_woq")
+    elif how == "backend-module-compile":
+        zen_woq_pass.keep_compressed(model)
+        model.compile(backend="zen_woq")
     elif how == "backend-compile-config":
         zen_woq_pass.keep_compressed(model)
         _decode_step_compiled_by_transformers(model, CompileConfig(backend="zen_woq"))

@@ -18,7 +18,8 @@ from torch._inductor.utils import run_and_get_code
 import zen_woq_pass
 from zen_woq_pass.kernels import int4pack
 from zen_woq_pass.models.measure import compare_greedy, greedy
-from zen_woq_pass.runtime import gemv, layer_regions
+from zen_woq_pass.planning.options import Options
+from zen_woq_pass.runtime import convert, gemv, layer_regions
 
 from helpers import INPUT_IDS, KERNEL_CALLS, NEW_TOKENS, assert_same_greedy, four_bit_kernels_here, load, load_reference
 
@@ -63,8 +64,21 @@ def test_layers_alike_share_a_structure_and_layers_that_differ_do_not(checkpoint
     handle.remove()
 
 
+def test_a_layer_converted_unlike_the_others_does_not_reuse_their_trace(checkpoints):
+    """keep_compressed makes the layers regions while they are packed; a layer whose Linears took
+    their kernels since (one converted, one not) must trace apart: the package takes the layers'
+    reuse hash again whenever it changes their modules."""
+    model = load(checkpoints("llama_sym_g128"))
+    first, second = model.model.layers
+    assert isinstance(first, layer_regions.RegionForward) and first.zen_woq_structure == second.zen_woq_structure
+    convert.convert(second, Options.from_user({"kernel": "auto"}), torch.bfloat16)
+    assert first.zen_woq_structure != second.zen_woq_structure
+    convert.convert(first, Options.from_user({"kernel": "auto"}), torch.bfloat16)
+    assert first.zen_woq_structure == second.zen_woq_structure
+
+
 def test_layers_that_return_more_than_a_tensor_keep_their_forward(checkpoints):
-    model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), compile=False)  # layers as they are
+    model = load(checkpoints("llama_sym_g128"), keep=False)  # layers as they are: keep_compressed not called yet
     layer_class = type(model.model.layers[0])
 
     def forward(self, hidden_states, **kwargs) -> tuple:
@@ -72,6 +86,7 @@ def test_layers_that_return_more_than_a_tensor_keep_their_forward(checkpoints):
 
     for layer in model.model.layers:
         layer.__class__ = type("TupleLayer", (layer_class,), {"forward": forward})
+    zen_woq_pass.optimize(model, compile=False)
     assert layer_regions.trace_layers_once(model) == 0
     assert not any(isinstance(layer, layer_regions.RegionForward) for layer in model.model.layers)
     model = zen_woq_pass.optimize(load(checkpoints("llama_sym_g128"), keep=False), compile=False)

@@ -147,9 +147,10 @@ def test_generate_through_transformers_compile_config(checkpoints):
 
 
 def test_compile_config_on_a_kept_model_reports_every_graphs_layers_and_frees_them(checkpoints):
-    """transformers compiles the decode step with the plain backend (issue 26): the graph that plans
-    the layers, then the one dynamo recompiles onto the converted modules; each report lists the 14
-    layers, and deleting the model frees its tensors without ``torch._dynamo.reset()``."""
+    """transformers compiles the decode step with the plain backend (issue 26): the first graph
+    runs as traced (its decoder layers share one trace, keep_compressed's layer regions), then the
+    one dynamo traces again onto the converted modules; that report lists the 14 layers, and
+    deleting the model frees its tensors without ``torch._dynamo.reset()``."""
     from transformers import CompileConfig
 
     model = load(checkpoints("llama_sym_g128"))  # kept compressed: the first graph plans the layers
@@ -160,7 +161,7 @@ def test_compile_config_on_a_kept_model_reports_every_graphs_layers_and_frees_th
         model.generate(INPUT_IDS[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, cache_implementation="static")
     reports = zen_woq_pass.recent_reports()[before:]
     assert len(reports) >= 2, [r.graph_calls for r in reports]
-    assert [len(r.layers) for r in reports] == [14] * len(reports)
+    assert reports[0].count_calls("rshift") and [len(r.layers) for r in reports] == [0] + [14] * (len(reports) - 1)
     assert {d.kernel for r in reports for d in r.layers} <= FOUR_BIT_KERNELS
     tensors = [weakref.ref(t) for t in (*model.parameters(), *model.buffers())]
     del model

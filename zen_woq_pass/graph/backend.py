@@ -34,12 +34,13 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from zen_woq_pass.graph.rewrite import rewrite
+from zen_woq_pass.graph.keep_compressed import kept_model
+from zen_woq_pass.graph.rewrite import remember_model, rewrite
 from zen_woq_pass.kernels import int4pack
 from zen_woq_pass.planning import plan, platform, prefill, selfcheck
 from zen_woq_pass.planning import report as report_module
 from zen_woq_pass.planning.options import DEFAULT, Options
-from zen_woq_pass.runtime import convert
+from zen_woq_pass.runtime import convert, fuse
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,41 @@ def _advise_once(seconds: float) -> None:
     if not _advised:
         _advised = True
         logger.warning(
-            "zen_woq: this decode step compiled each decoder layer on its own (%.0f s here); "
-            "zen_woq_pass.optimize(model, compile=True) traces and compiles one layer for all",
+            "zen_woq: this decode step compiled each decoder layer on its own (%.0f s here); on a static KV cache "
+            "(generate's default after keep_compressed(model)) one layer is traced and compiled for all, and "
+            "zen_woq_pass.optimize(model) also fuses projections and takes over the attention",
             seconds,
         )
+
+
+def _kept_models_in_regions(inputs, folded: tuple[int, ...], options: Options) -> list[torch.nn.Module]:
+    """The kept models whose packed layers the graph reads but the pass did not fold: inside nested
+    compile regions (:mod:`zen_woq_pass.runtime.layer_regions`), where one trace serves every
+    decoder layer and cannot hold each layer's weights as constants. Not a model converted before
+    (what a kernel took not, stays on the default path)."""
+    if options.kernel == DEFAULT:
+        return []
+    found: dict[int, torch.nn.Module] = {}
+    for index, value in enumerate(inputs):
+        model = kept_model(value) if isinstance(value, torch.Tensor) and index not in folded else None
+        if model is not None and model not in _converted:
+            found[id(model)] = model
+    return list(found.values())
+
+
+_converted: weakref.WeakSet = weakref.WeakSet()  # the kept models :func:`_convert` converted
+
+
+def _convert(model: torch.nn.Module, options: Options) -> None:
+    """Give a kept model's layers their kernels in the modules, as ``optimize`` does (sibling
+    projections fused, one copy of the weights); dynamo then traces its graphs again onto them."""
+    _converted.add(model)
+    activation_dtype = convert.activation_dtype_of(model)
+    fuse.fuse_siblings(model, options, activation_dtype)
+    report = convert.convert(model, options, activation_dtype)
+    remember_model(model)  # the graphs traced from now on report the layers they call
+    fused = sum(bool(d.fused_with) for d in report.replaced)
+    logger.info("zen_woq: a kept model's %d quantized layers took their kernels (%d in fused calls)", len(report.replaced), fused)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -122,6 +154,7 @@ class _GuardedGraph:
         self.variants: dict[int, tuple[tuple[int, ...], tuple[weakref.ref, ...], object]] = {}
         self.fallback = None
         self.to_adopt: list = []
+        self.to_convert: list[torch.nn.Module] = []
         self._tokens = itertools.count()
         self._add_variant(example_inputs)
 
@@ -129,12 +162,21 @@ class _GuardedGraph:
         gm, report, folded, used = rewrite(_copy(self.original), inputs, options)
         report_module.record(report)
         self.to_adopt += used
+        regions = any(node.target is torch.ops.higher_order.invoke_subgraph for node in gm.graph.nodes)
+        models = _kept_models_in_regions(inputs, folded, options) if regions else []
+        if models:
+            logger.info(
+                "zen_woq: this graph's decoder layers share one trace, which cannot hold each layer's packed weights: "
+                "it runs once as traced (compressed-tensors' math, no compile), then the model's layers take their "
+                "kernels and dynamo traces again onto them"
+            )
+            self.to_convert += models
+            return gm, folded
         on_kernels = bool(report.replaced)
         embeddings = _token_embeddings(gm)
         if on_kernels and any(_many_tokens(e) for e in embeddings):
             logger.info("zen_woq: a prompt's graph runs on its kernels without Inductor (once per generate: no compile)")
             return gm, folded
-        regions = any(node.target is torch.ops.higher_order.invoke_subgraph for node in gm.graph.nodes)
         start = time.perf_counter()
         with int4pack.called_as_is_by_inductor() if regions else contextlib.nullcontext():
             compiled = compile_fx(gm, inputs, config_patches=dict(options.inductor_config))
@@ -175,4 +217,6 @@ class _GuardedGraph:
             adopt = tuple(self.to_adopt)
             self.to_adopt.clear()
             convert.adopt_compiled(adopt)
+        while self.to_convert:
+            _convert(self.to_convert.pop(), self.options)
         return result

@@ -21,19 +21,28 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from zen_woq_pass.graph import ct_format, varying_sizes
+from zen_woq_pass.runtime import layer_regions
 
 logger = logging.getLogger(__name__)
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
-# a kept module's packed tensor -> the module (both weakly): the pass sees tensors, not modules
+# a kept module's packed tensor -> (the module, the model it is kept in), both weakly: the pass
+# sees tensors, not modules
 _owners = WeakIdKeyDictionary()
 
 
 def owner(tensor: torch.Tensor) -> torch.nn.Module | None:
     """The kept module that holds ``tensor``, if any."""
-    ref = _owners.get(tensor)
-    return ref() if ref is not None else None
+    found = _owners.get(tensor)
+    return found[0]() if found is not None else None
+
+
+def kept_model(tensor: torch.Tensor) -> torch.nn.Module | None:
+    """The model ``keep_compressed`` was called on, if ``tensor`` is the packed weight of one of
+    its modules that still computes from it (no kernel adopted yet)."""
+    found = _owners.get(tensor)
+    return found[1]() if found is not None and isinstance(found[0](), PackedForward) else None
 
 
 class PackedForward:
@@ -148,7 +157,9 @@ def _refuse_decompressed(model: torch.nn.Module) -> None:
 def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
     """Stop compressed-tensors' decompress-on-first-forward; compute from packed weights instead.
 
-    Idempotent, in place, returns ``model``. Packed tensors are inference constants: their
+    It also readies the model for ``torch.compile`` (eager calls unchanged): its decoder layers
+    share one trace, and ``generate`` uses a static KV cache unless its config names another
+    (:func:`_compile_friendly`). Idempotent, in place, returns ``model``. Packed tensors are inference constants: their
     ``requires_grad`` is cleared. Layers whose bit width does not divide 32 (3, 5, 6, 7 bits:
     values straddle words) are decompressed by compressed-tensors itself, with a log line.
     Raises ``ValueError`` naming the layer when its packed tensors do not fit it (a bad
@@ -177,8 +188,21 @@ def keep_compressed(model: torch.nn.Module) -> torch.nn.Module:
             if tensor is not None:
                 tensor.requires_grad_(False)
         module.zen_woq_num_bits = num_bits
-        _owners[module.weight_packed] = weakref.ref(module)
+        _owners[module.weight_packed] = (weakref.ref(module), weakref.ref(model))
         module.__dict__.pop("forward", None)  # compressed-tensors' instance-patched forward
         module.__class__ = _packed_class(type(module))  # type: ignore[arg-type]  # mypy: a class is not Hashable
     varying_sizes.mark_on_every_call(model)
+    _compile_friendly(model)
     return model
+
+
+def _compile_friendly(model: torch.nn.Module) -> None:
+    """What makes a compile of the model fast, in place; eager calls are unchanged: its decoder
+    layers traced once for all (:mod:`zen_woq_pass.runtime.layer_regions`), and ``generate`` on a
+    static KV cache where its config names none, as transformers advises for ``torch.compile``
+    (a dynamic cache's layers cannot share a trace)."""
+    reused = layer_regions.trace_layers_once(model)
+    config = getattr(model, "generation_config", None)
+    if reused and config is not None and config.cache_implementation is None:
+        config.cache_implementation = "static"
+        logger.info("zen_woq: %d decoder layers reuse another's trace under compile; generate uses a static KV cache", reused)

@@ -24,6 +24,7 @@ from zen_woq_pass.planning import plan as plans
 from zen_woq_pass.planning import report as report_module
 from zen_woq_pass.planning.options import Options
 from zen_woq_pass.planning.report import LayerDecision, Report
+from zen_woq_pass.runtime import layer_regions
 
 # compressed-tensors' tensors on a Linear, besides the dense ``weight`` of the unpacked forms
 CHECKPOINT_TENSOR_NAMES = (*PACKED_TENSOR_NAMES, "weight_shape")
@@ -167,6 +168,7 @@ def adopt_compiled(used) -> None:
         module = next((m for t in sources if (m := owner(t)) is not None), None)
         if isinstance(module, PackedForward):
             adopt(module, plan)
+    layer_regions.refresh_structures()  # the decoder layers that hold them changed
 
 
 def is_convertible(module: torch.nn.Module) -> bool:
@@ -197,5 +199,6 @@ def convert(model: torch.nn.Module, options: Options, activation_dtype: torch.dt
         if plan.kernel is not None:
             adopt(module, plan)
         decisions.append(plan.decision)
+    layer_regions.refresh_structures()  # the decoder layers that hold them changed
     report_module.log(decisions)
     return Report(options.kernel, tuple(decisions))

@@ -31,6 +31,7 @@ from zen_woq_pass.graph.layer import QuantizedLinear, QuantizedWeights
 from zen_woq_pass.graph.match import NotRecoverable
 from zen_woq_pass.planning import plan as plans
 from zen_woq_pass.planning.options import DEFAULT, Options
+from zen_woq_pass.runtime import layer_regions
 from zen_woq_pass.runtime.convert import KernelForward, activation_dtype_of, adopt, describe_module, is_convertible, kernel_class
 
 # children of one module that transformers' Llama-like models call on the same input
@@ -56,6 +57,11 @@ class PendingOutputs(threading.local):
 
     def __reduce__(self):
         return PendingOutputs, (self.columns,)  # per process and thread: a copy starts with none
+
+    def zen_woq_trace_key(self) -> tuple:
+        """What a trace of the group depends on (:func:`zen_woq_pass.runtime.layer_regions.structure`):
+        its columns, not what is pending now."""
+        return ("pending", self.columns)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         if self.entry is None:
@@ -164,4 +170,5 @@ def fuse_siblings(model: torch.nn.Module, options: Options, activation_dtype: to
             members = [(f"{parent_name}.{n}", getattr(parent, n, None)) for n in names]
             if all(module is not None and is_convertible(module) for _, module in members):
                 fused += _fuse(parent_name, cast("list[tuple[str, torch.nn.Linear]]", members), options, activation_dtype)  # convertible: Linears
+    layer_regions.refresh_structures()  # the decoder layers that hold them changed
     return fused

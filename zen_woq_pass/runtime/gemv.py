@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from zen_woq_pass.graph.keep_compressed import PackedForward
 from zen_woq_pass.kernels import native, packed_bf16
+from zen_woq_pass.runtime import layer_regions
 from zen_woq_pass.runtime.convert import KernelForward, is_quantized_linear
 
 PACKED_MAX_ROWS = 2  # in cache, 2 rows took 1.7 ms against F.linear's 2.0 ms, 4 rows 2.5 against 2.1
@@ -153,4 +154,5 @@ def convert_dense_linears(model: torch.nn.Module) -> tuple[str, ...]:
                 f"{module.zen_woq_packed.nbytes / 1e6:.1f} MB packed beside the bf16 weight"
             )
         notes.append(note)
+    layer_regions.refresh_structures()  # the decoder layers that hold them changed
     return tuple(notes)

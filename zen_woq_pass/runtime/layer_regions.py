@@ -11,6 +11,10 @@ Dynamo would check a reuse with the guards of the first trace, and those hold th
 region's hash says instead when two layers trace alike: the same classes, non-tensor attributes
 (private ones too), tensor shapes and dtypes in every submodule, the layer index left out
 (:func:`structure`). Any object it does not know (a hook, a per-layer helper) makes a layer its own.
+The hash is kept on the layer (dynamo traces a reuse hash function, and cannot trace one that
+reads configs) and taken again wherever the package changes layers' modules
+(:func:`refresh_structures`): a layer converted since (its Linears given their kernels, fused, one
+refused) must not reuse a trace of what it was, or of a layer converted otherwise.
 Leaving the index out is right only while the layer's code reads it for nothing but the cache's
 ``update`` (which the region's one-layer cache ignores): that is checked by construction, on the
 source of every method of the layer's classes and of the functions they call
@@ -30,12 +34,11 @@ import inspect
 import logging
 import textwrap
 import types
+import weakref
 from typing import cast
 
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
-
-from zen_woq_pass.runtime.fuse import PendingOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ def _layer_step(layer, hidden_states, keys, values, cumulative_length, **kwargs)
 _region = torch.compiler.nested_compile_region(
     _layer_step, max_reuse_entries=1024, reuse_hash_fn=lambda layer, *args, **kwargs: layer.zen_woq_structure
 )
+_region_layers: weakref.WeakSet = weakref.WeakSet()  # every layer made a region in this process
 
 
 class RegionForward:
@@ -83,6 +87,8 @@ class RegionForward:
         if torch.compiler.is_compiling() and not args and isinstance(past_key_values, StaticCache):
             layers = past_key_values.layers
             slot = layers[self.zen_woq_layer_idx] if self.zen_woq_layer_idx < len(layers) else None
+            if type(slot) is StaticLayer and not slot.is_initialized:
+                _allocate(slot, cast(torch.nn.Module, self), hidden_states)
         if type(slot) is not StaticLayer or not slot.is_initialized or not isinstance(slot.cumulative_length, torch.Tensor):
             return self.zen_woq_layer_forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
         return _region(self, hidden_states, slot.keys, slot.values, slot.cumulative_length, **kwargs)
@@ -94,6 +100,18 @@ class RegionForward:
         plain = type(self).__bases__[1]  # _region_class: (RegionForward, the layer's class)
         state = {k: v for k, v in self.__getstate__().items() if k not in ("zen_woq_layer_idx", "zen_woq_structure")}
         return _plain_layer, (plain,), state
+
+
+def _allocate(slot: StaticLayer, layer: torch.nn.Module, hidden_states: torch.Tensor) -> None:
+    """A prompt's call, the slot still empty: allocate it as the layer's first ``update`` would, so
+    that the prompt runs as the shared region too (else dynamo traces every layer of a prompt). Only
+    where the layer's attention says its key/value heads and head size; else the layer runs as it is."""
+    attention = getattr(layer, "self_attn", None)
+    config = getattr(attention, "config", None)
+    heads, head_dim = getattr(config, "num_key_value_heads", None), getattr(attention, "head_dim", None)
+    if isinstance(heads, int) and isinstance(head_dim, int) and getattr(config, "v_head_dim", None) in (None, head_dim):
+        empty = hidden_states.new_zeros(hidden_states.shape[0], heads, 0, head_dim)
+        slot.lazy_initialization(empty, empty)
 
 
 def _plain_layer(cls: type[torch.nn.Module]) -> torch.nn.Module:
@@ -110,8 +128,8 @@ def _attribute_key(value):
         return value
     if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
         return tuple(value)
-    if isinstance(value, PendingOutputs):
-        return ("pending", value.columns)
+    if callable(getattr(value, "zen_woq_trace_key", None)):  # fused siblings' hand-over (fuse.PendingOutputs)
+        return value.zen_woq_trace_key()
     text = repr(value)  # a config or a quantization scheme shows its fields
     if " at 0x" in text:
         return ("object", id(value))  # shared, or the layer is its own
@@ -284,28 +302,46 @@ def _returns_a_tensor(cls: type[torch.nn.Module]) -> bool:
 
 
 def trace_layers_once(model: torch.nn.Module) -> int:
-    """Make the model's decoder layers share one trace under compile (in place). Returns how many
-    layers reuse another's trace."""
-    layers = decoder_layers(model)
+    """Make the model's decoder layers share one trace under compile (in place; again on a model
+    whose layers do already). Returns how many layers reuse another's trace as they are now."""
     keys: dict[int, int] = {}  # structure -> layers
     refused: dict[str, int] = {}  # reason -> layers
-    for layer in layers:
-        if isinstance(layer, RegionForward) or not _returns_a_tensor(type(layer)):
-            continue
-        reason = why_not_shared(layer)
-        if reason:
-            refused[reason] = refused.get(reason, 0) + 1
-            continue
-        key = structure(layer)
-        if key is None:
-            continue
-        # the ignore: nn.Module's __setattr__ is typed Tensor | Module
-        layer.zen_woq_layer_idx, layer.zen_woq_structure = _layer_index(layer), key  # type: ignore[assignment]
-        layer.__class__ = _region_class(type(layer))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    for layer in decoder_layers(model):
+        if not isinstance(layer, RegionForward):
+            reason = why_not_shared(layer) if _returns_a_tensor(type(layer)) else "its forward returns more than a tensor"
+            if reason:
+                refused[reason] = refused.get(reason, 0) + 1
+                continue
+            if structure(layer) is None:
+                continue
+            layer.zen_woq_layer_idx = _layer_index(layer)  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
+            layer.__class__ = _region_class(type(layer))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+            _region_layers.add(layer)
+        key = _take_structure(cast(RegionForward, layer))
         keys[key] = keys.get(key, 0) + 1
     for reason, count in refused.items():
-        logger.warning("zen_woq: decode step: %d decoder layer(s) traced each on its own: %s", count, reason)
+        if reason not in _logged:
+            _logged.add(reason)
+            logger.warning("zen_woq: %d decoder layer(s) traced each on its own under compile: %s", count, reason)
     return sum(count - 1 for count in keys.values())
+
+
+_logged: set[str] = set()  # the reasons :func:`trace_layers_once` logged (once per process)
+
+
+def _take_structure(layer: RegionForward) -> int:
+    """Store the layer's :func:`structure` as its region's reuse hash (its own identity where it
+    has hooks: it shares no trace) and return it."""
+    key = structure(cast(torch.nn.Module, layer))
+    layer.zen_woq_structure = hash(("own", id(layer))) if key is None else key
+    return layer.zen_woq_structure
+
+
+def refresh_structures() -> None:
+    """Take every region layer's structure again: the package just changed modules, which may sit
+    in them (``convert``, ``fuse_siblings``, a graph's layers adopting their kernels)."""
+    for layer in list(_region_layers):
+        _take_structure(layer)
 
 
 def keep_cache_shapes_static(past_key_values) -> None:
