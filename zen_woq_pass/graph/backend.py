@@ -2,7 +2,10 @@
 
 A language model's prompt graph (more than one token per sequence) is not handed to Inductor: it
 runs once per ``generate``, on the 4-bit kernels the pass put in, as the rewritten graph
-(:func:`_many_tokens`); a decode step's graph is compiled.
+(:func:`_many_tokens`); a decode step's graph is compiled. A kept model's decoder layers share one
+trace (``keep_compressed`` makes them nested compile regions), which cannot hold each layer's packed
+weights as constants: the first such graph runs once as traced, then the model is converted as
+``optimize`` converts it and dynamo traces again onto its kernels (:func:`_convert`).
 
 Dynamo hands module parameters to backends as graph inputs, without guards on which tensors they
 are (it shares one compiled graph between instances of a module class). We fold their values into
@@ -107,8 +110,8 @@ def _advise_once(seconds: float) -> None:
 def _kept_models_in_regions(inputs, folded: tuple[int, ...], options: Options) -> list[torch.nn.Module]:
     """The kept models whose packed layers the graph reads but the pass did not fold: inside nested
     compile regions (:mod:`zen_woq_pass.runtime.layer_regions`), where one trace serves every
-    decoder layer and cannot hold each layer's weights as constants. Not a model converted before
-    (what a kernel took not, stays on the default path)."""
+    decoder layer and cannot hold each layer's weights as constants. A model converted before is
+    not listed again: what no kernel took stays on the default path."""
     if options.kernel == DEFAULT:
         return []
     found: dict[int, torch.nn.Module] = {}
