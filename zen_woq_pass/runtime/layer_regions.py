@@ -123,28 +123,33 @@ def _region_class(cls: type[torch.nn.Module]) -> type:
     return type(f"Region{cls.__name__}", (RegionForward, cls), {"zen_woq_layer_forward": cls.forward})
 
 
-def _attribute_key(value):
+def _attribute_key(value, reprs: dict[int, str]):
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
         return tuple(value)
     if callable(getattr(value, "zen_woq_trace_key", None)):  # fused siblings' hand-over (fuse.PendingOutputs)
         return value.zen_woq_trace_key()
-    text = repr(value)  # a config or a quantization scheme shows its fields
+    text = reprs.get(id(value))
+    if text is None:  # a config or a quantization scheme shows its fields (a config, shared, once per pass)
+        text = reprs[id(value)] = repr(value)
     if " at 0x" in text:
         return ("object", id(value))  # shared, or the layer is its own
     return (type(value), text)
 
 
-def structure(layer: torch.nn.Module) -> int | None:
+def structure(layer: torch.nn.Module, reprs: dict[int, str] | None = None) -> int | None:
     """What the layer's trace depends on but its tensors' values and its index, as a hash; None
-    where a module has hooks (their effect cannot be compared)."""
+    where a module has hooks (their effect cannot be compared). ``reprs``: the objects' ``repr`` by
+    ``id``, shared by one pass over many layers (a model's config is one object: its ``repr``, a
+    copy and a JSON dump, took 90 % of a pass when made per layer)."""
+    reprs = {} if reprs is None else reprs
     parts = []
     for name, module in layer.named_modules():
         if any(getattr(module, hooks, None) for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")):
             return None
         attributes = sorted(
-            (key, _attribute_key(value)) for key, value in vars(module).items() if key not in _MODULE_INTERNALS and key not in PER_LAYER
+            (key, _attribute_key(value, reprs)) for key, value in vars(module).items() if key not in _MODULE_INTERNALS and key not in PER_LAYER
         )
         tensors = [
             (kind, key, tuple(t.shape), t.dtype, t.stride())
@@ -306,18 +311,19 @@ def trace_layers_once(model: torch.nn.Module) -> int:
     whose layers do already). Returns how many layers reuse another's trace as they are now."""
     keys: dict[int, int] = {}  # structure -> layers
     refused: dict[str, int] = {}  # reason -> layers
+    reprs: dict[int, str] = {}
     for layer in decoder_layers(model):
         if not isinstance(layer, RegionForward):
             reason = why_not_shared(layer) if _returns_a_tensor(type(layer)) else "its forward returns more than a tensor"
             if reason:
                 refused[reason] = refused.get(reason, 0) + 1
                 continue
-            if structure(layer) is None:
+            if structure(layer, reprs) is None:
                 continue
             layer.zen_woq_layer_idx = _layer_index(layer)  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
             layer.__class__ = _region_class(type(layer))  # type: ignore[arg-type]  # mypy: a class is not Hashable
             _region_layers.add(layer)
-        key = _take_structure(cast(RegionForward, layer))
+        key = _take_structure(cast(RegionForward, layer), reprs)
         keys[key] = keys.get(key, 0) + 1
     for reason, count in refused.items():
         if reason not in _logged:
@@ -329,10 +335,10 @@ def trace_layers_once(model: torch.nn.Module) -> int:
 _logged: set[str] = set()  # the reasons :func:`trace_layers_once` logged (once per process)
 
 
-def _take_structure(layer: RegionForward) -> int:
+def _take_structure(layer: RegionForward, reprs: dict[int, str]) -> int:
     """Store the layer's :func:`structure` as its region's reuse hash (its own identity where it
     has hooks: it shares no trace) and return it."""
-    key = structure(cast(torch.nn.Module, layer))
+    key = structure(cast(torch.nn.Module, layer), reprs)
     layer.zen_woq_structure = hash(("own", id(layer))) if key is None else key
     return layer.zen_woq_structure
 
@@ -340,8 +346,9 @@ def _take_structure(layer: RegionForward) -> int:
 def refresh_structures() -> None:
     """Take every region layer's structure again: the package just changed modules, which may sit
     in them (``convert``, ``fuse_siblings``, a graph's layers adopting their kernels)."""
+    reprs: dict[int, str] = {}
     for layer in list(_region_layers):
-        _take_structure(layer)
+        _take_structure(layer, reprs)
 
 
 def keep_cache_shapes_static(past_key_values) -> None:
