@@ -153,7 +153,7 @@ def test_compile_config_on_a_kept_model_reports_every_graphs_layers_and_frees_th
     deleting the model frees its tensors without ``torch._dynamo.reset()``."""
     from transformers import CompileConfig
 
-    model = load(checkpoints("llama_sym_g128"))  # kept compressed: the first graph plans the layers
+    model = load(checkpoints("llama_sym_g128"))  # kept compressed: the first graph runs as traced, then the layers convert
     model.generation_config.compile_config = CompileConfig(backend="zen_woq")
     model.generation_config.compile_config._compile_all_devices = True
     before = len(zen_woq_pass.recent_reports())
