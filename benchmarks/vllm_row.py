@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from vs_llamacpp import BATCH, CONTEXT, LONG_PROMPT, MARK, PROMPT, WINDOW, _median_ms, _seconds, batch_prompts
+from vs_llamacpp import BATCH, CONTEXT, LONG_PROMPT, MARK, PROMPT, WINDOW, _median_ms, _seconds, batch_new_tokens, batch_prompts
 
 
 def _rss_mb() -> float:
@@ -51,7 +51,8 @@ def row(work: Path, variant: str) -> dict:
     result["TTFT-32 ms"], result["decode tok/s"] = ttft, 1e3 * new / (full - ttft) if full > ttft else None
     if setup["long_prompt"]:
         result["TTFT-512 ms"] = _median_ms(lambda: generate([ids[:LONG_PROMPT]], 1), warmup=1)
-    result[f"{BATCH}-prompt tok/s"] = BATCH * new / _median_ms(lambda: generate(batch_prompts(ids), new), runs=2, warmup=1) * 1e3
+    batch_new = batch_new_tokens(setup)
+    result[f"{BATCH}-prompt tok/s"] = BATCH * batch_new / _median_ms(lambda: generate(batch_prompts(ids), batch_new), runs=2, warmup=1) * 1e3
     result["RSS MB"] = _rss_mb()
     result.update(_quality(generate, ids, work))
     return result

@@ -1,6 +1,6 @@
 """llama.cpp against zen_woq on the same real model, same threads, in one run (issues 8 and 9).
 
-    python benchmarks/vs_llamacpp.py [--threads 2] [--json out.json] [--plot out.png] [--quick] [--gptq]
+    python benchmarks/vs_llamacpp.py [--model smollm2|llama-3.2-1b|llama-3.2-3b] [--threads 2] [--json out.json] [--quick]
 
 Why: llama.cpp is what a CPU user runs a 4-bit model with today, so "faster than transformers" is
 not enough; this puts zen_woq beside it on SmolLM2-135M-Instruct, whose Q4_1 GGUF is the source of
@@ -14,6 +14,13 @@ token ids (the dense checkpoint's HF tokenizer) and is timed the same way: TTFT 
 token, decode = the other tokens, per token, medians of 3. Quality: perplexity over 512-token windows
 of ``quality.evaluation_text()``, and top-1 agreement / KL divergence against the transformers W4A16
 and bf16 rows' logits (those two rows run first and leave their logits in the work folder).
+
+``--model llama-3.2-1b`` (or ``-3b``): the real-size yardsticks (``zen_woq_pass.models.yardstick``,
+random weights, made once per machine): W4A16 is RTN group 128, the GGUFs are llama.cpp's own Q4_0
+and Q4_1 of the same bf16 weights. Perplexity means nothing on random weights (not shown); top-1 /
+KLD against the W4A16 row still say whether a row computes the same model. Each row also reads the
+bandwidth just before it: its bound is that over the bytes a step reads (every tensor of its
+checkpoint once, the tied embedding as the head), and "% of bound" is its decode against it.
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ MARK = "@@vs_llamacpp "  # the child's result line on stdout
 ENGINES = {
     "hf-w4a16": ("transformers eager, W4A16 RTN (decompressed)", "w4a16-rtn", None),
     "hf-bf16": ("transformers eager, bf16", "dense", None),
-    "llama-q4_1": ("llama.cpp Q4_1 (GGUF as shipped)", "q4_1", "llama"),
-    "llama-q4_0": ("llama.cpp Q4_0 (requantized: speed reference only)", "q4_0", "llama"),
+    "llama-q4_1": ("llama.cpp Q4_1", "q4_1", "llama"),
+    "llama-q4_0": ("llama.cpp Q4_0", "q4_0", "llama"),
     "inductor-bf16": ("torch.compile Inductor, bf16", "dense", "inductor"),
     "inductor-bf16-decode": ("Inductor decode step (static cache, transformers' compile_config), bf16", "dense", "inductor-decode"),
     "zen_woq-auto": ("zen_woq optimize(compile=False): every step eager, W4A16 RTN", "w4a16-rtn", "auto"),
@@ -76,7 +83,16 @@ ENGINES = {
     "zen_woq-auto-gptq": ("zen_woq auto, W4A16 GPTQ", "w4a16-gptq", "auto"),
 }
 REFERENCES = {"hf-w4a16": "w4a16", "hf-bf16": "bf16"}  # rows whose logits the others are compared with
-BASES = ("llama-q4_1", "hf-w4a16")  # ratios are against these rows
+MODEL_NOTES = {
+    "smollm2": "SmolLM2-135M-Instruct (its Q4_1 GGUF as shipped; Q4_0 requantized from it; W4A16 RTN g64 of its dequantized weights)",
+    "llama-3.2-1b": "Llama-3.2-1B's shape, random bf16 weights (W4A16 RTN g128; llama.cpp's Q4_0 and Q4_1 of the same weights)",
+    "llama-3.2-3b": "Llama-3.2-3B's shape, random bf16 weights (W4A16 RTN g128; llama.cpp's Q4_0 and Q4_1 of the same weights)",
+}
+MODELS = tuple(MODEL_NOTES)  # SmolLM2-135M-Instruct, or a yardstick shape
+SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I8": 1, "U8": 1, "I64": 8}
+YARDSTICK_VARIANTS = {"dense": "bf16", "w4a16-rtn": "w4a16-g128"}  # ENGINES' variant -> the yardstick's
+BASES = {"smollm2": ("llama-q4_1", "hf-w4a16")}  # ratios are against these rows; a yardstick's: llama.cpp's fastest x86 path
+YARDSTICK_BASES = ("llama-q4_0", "hf-w4a16")
 
 
 def rss_mb() -> float:
@@ -146,8 +162,9 @@ def llama_row(setup: dict, work: Path, variant: str, extra_bufts: bool) -> tuple
     """Speed with a plain context, then the quality windows with a ``logits_all`` one."""
     import llama_cpp
 
-    path, threads = setup["gguf"], setup["threads"]
-    if variant == "q4_0":
+    path, threads = setup["ggufs"].get(variant), setup["threads"]
+    if path is None:  # SmolLM2 ships Q4_1 only: its Q4_0 is requantized from it
+        path = setup["ggufs"]["q4_1"]
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True, threads
         requantized = str(work / "q4_0.gguf")
@@ -215,6 +232,12 @@ def _batch_tokens_per_s(model, ids, new: int) -> float:
     return BATCH * new / median_ms(generate, min_runs=2, min_seconds=0, warmup=1) * 1e3
 
 
+def batch_new_tokens(setup: dict) -> int:
+    """New tokens per prompt of the 8-prompt row: fewer at a real size, where transformers' bf16
+    GEMM at 8 rows runs at 2 tok/s on an AVX2 CPU (3 generates of 64 would take 13 minutes)."""
+    return setup["new_tokens"] if setup["model"] == "smollm2" else min(16, setup["new_tokens"])
+
+
 def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]:
     """transformers eager, Inductor, or ``zen_woq_pass.optimize``; the model's own forward for quality."""
     import torch
@@ -255,7 +278,7 @@ def torch_row(setup: dict, variant: str, how: str | None) -> tuple[dict, object]
     row["TTFT-32 ms"], row["decode tok/s"] = timing.ttft_ms, None if unmeasured else timing.decode_tokens_per_s
     if setup["long_prompt"]:  # warm-up: a new prompt length may compile a dynamic-shape graph
         row["TTFT-512 ms"] = median_ms(lambda: greedy(model, ids[:, :LONG_PROMPT], 1), min_runs=3, min_seconds=0, warmup=1)
-    row[f"{BATCH}-prompt tok/s"] = _batch_tokens_per_s(model, ids, new)
+    row[f"{BATCH}-prompt tok/s"] = _batch_tokens_per_s(model, ids, batch_new_tokens(setup))
     row["RSS MB"] = rss_mb()
     row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled so far: every shape and recompile
     report = getattr(model, "zen_woq_report", None)
@@ -317,6 +340,43 @@ def spawn(engine: str, work: Path, args, extra_bufts: bool = True) -> dict:
     return {"engine": engine, "label": label, "error": reason + (f" ({errors[0][-200:]})" if errors else "")}
 
 
+def model_files(model: str, variants: set[str], gguf_variants: set[str]) -> tuple[dict, dict]:
+    """(checkpoint folder per ENGINES variant, GGUF file per llama.cpp variant) of ``model``, made
+    where missing: SmolLM2's Q4_1 GGUF as shipped (its Q4_0 is requantized from it in the row), a
+    yardstick's GGUFs quantized by llama.cpp from its bf16 weights."""
+    from zen_woq_pass.models import smollm2, yardstick
+
+    if model == "smollm2":
+        return {v: str(smollm2.checkpoint(v)) for v in sorted(variants)}, {"q4_1": str(smollm2.gguf_path())}
+    unknown = sorted(variants - set(YARDSTICK_VARIANTS))
+    if unknown:
+        raise SystemExit(f"the {model} yardstick has no {', '.join(unknown)} checkpoint: its rows take {', '.join(YARDSTICK_VARIANTS)}")
+    checkpoints = {v: str(yardstick.checkpoint(model, YARDSTICK_VARIANTS[v])) for v in sorted(variants)}
+    return checkpoints, {v: str(yardstick.gguf(model, v)) for v in sorted(gguf_variants)}
+
+
+def step_bytes(engine: str, checkpoints: dict, ggufs: dict) -> int:
+    """Bytes a decode step of ``engine`` must read: every tensor of the file it runs once (a tied
+    embedding is the head); transformers decompresses W4A16 to bf16, so its rows read bf16."""
+    _, variant, how = ENGINES[engine]
+    if how == "llama":
+        import gguf
+
+        path = ggufs.get(variant)
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors) if path else 0
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(checkpoints["dense" if how is None else variant]).glob("*.safetensors"):
+        with safe_open(file, "pt") as tensors:
+            for name in tensors.keys():
+                piece = tensors.get_slice(name)
+                total += math.prod(piece.get_shape()) * SAFETENSORS_BYTES[piece.get_dtype()]
+    return total
+
+
 def machine(threads: int) -> dict:
     """CPU, the ISA flags that matter here, versions, and the read bandwidth measured now."""
     import torch
@@ -350,32 +410,38 @@ def cell(row: dict, key: str, bases: list[dict], higher_is_better: bool) -> str:
 
 
 def table(rows: list[dict], info: dict) -> str:
+    model = info.get("model", "smollm2")
+    names = BASES.get(model, YARDSTICK_BASES)
     flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in info["flags"].items())
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
     lines = [
         f"# {info['cpu']}; {flags}; {info['threads']} threads; read bandwidth {info['read GB/s']:.1f} GB/s; "
         f"load average {info['load average']:.1f} at the start (other busy threads make every timing noise)",
         f"# {versions}; zentorch WOQ on this CPU: {info['zentorch']}",
-        "# (xA, xB): speed-up over llama.cpp Q4_1 and over transformers W4A16 eager (>1 is faster)",
+        f"# model: {MODEL_NOTES[model]}",
+        f"# (xA, xB): speed-up over {ENGINES[names[0]][0]} and over transformers W4A16 eager (>1 is faster); "
+        "% of bound: decode x the bytes a step reads (step GB) / the read bandwidth probed just before the row",
         "",
-        f"| row | load s | first generate s | decode tok/s | {BATCH}-prompt tok/s | TTFT-32 ms | TTFT-512 ms | RSS MB "
-        "| perplexity | top-1 / KLD vs W4A16 eager | KLD vs bf16 | graphs | kernels |",
-        "|---" * 13 + "|",
+        f"| row | load s | first generate s | decode tok/s | step GB | % of bound | {BATCH}-prompt tok/s | TTFT-32 ms | TTFT-512 ms "
+        "| RSS MB | perplexity | top-1 / KLD vs W4A16 eager | KLD vs bf16 | graphs | kernels |",
+        "|---" * 15 + "|",
     ]
-    bases = [next((r for r in rows if r["engine"] == name), {}) for name in BASES]
+    bases = [next((r for r in rows if r["engine"] == name), {}) for name in names]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 11)
+            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * 13)
             continue
+        bound = f"{100 * row['decode tok/s'] * row['step GB'] / row['read GB/s']:.0f}" if row.get("decode tok/s") and row.get("step GB") else "-"
+        perplexity = f"{row['perplexity']:.2f}" if model == "smollm2" else "-"  # random weights: meaningless
         kld_w4a16 = f"{row['KLD vs w4a16']:.4f}" if "KLD vs w4a16" in row else "-"  # vLLM's row has top-1 only
         agreement = f"{row['top-1 vs w4a16']:.3f} / {kld_w4a16}" if "top-1 vs w4a16" in row else "-"
         kld = f"{row['KLD vs bf16']:.4f}" if "KLD vs bf16" in row else "-"
         kernels = ", ".join(f"{k} x{n}" for k, n in row.get("kernels", {}).items()) or "-"
         lines.append(
             f"| {row['label']} | {row['load s']:.1f} | {row['first generate s']:.1f} "
-            f"| {cell(row, 'decode tok/s', bases, True)} | {cell(row, f'{BATCH}-prompt tok/s', bases, True)} "
-            f"| {cell(row, 'TTFT-32 ms', bases, False)} "
-            f"| {cell(row, 'TTFT-512 ms', bases, False)} | {row['RSS MB']:.0f} | {row['perplexity']:.2f} "
+            f"| {cell(row, 'decode tok/s', bases, True)} | {row.get('step GB', 0):.3f} | {bound} "
+            f"| {cell(row, f'{BATCH}-prompt tok/s', bases, True)} | {cell(row, 'TTFT-32 ms', bases, False)} "
+            f"| {cell(row, 'TTFT-512 ms', bases, False)} | {row['RSS MB']:.0f} | {perplexity} "
             f"| {agreement} | {kld} | {row.get('graphs', '-')} | {kernels} |"
         )
     return "\n".join(lines)
@@ -398,13 +464,14 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
             axis.text(value, y, f" {value:.0f}" if value >= 10 else f" {value:.2g}" if value else " -", va="center", fontsize=8)
         axis.set_title(f"{key} ({note})")
     axes[0].invert_yaxis()  # first row on top (the y axis is shared)
-    figure.suptitle(f"SmolLM2-135M, {info['threads']} threads, {info['cpu']}", fontsize=9)
+    figure.suptitle(f"{info.get('model', 'smollm2')}, {info['threads']} threads, {info['cpu']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="smollm2", help="SmolLM2-135M-Instruct, or a real-size yardstick (made once: minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--plot", help="write a bar chart here (needs matplotlib)")
@@ -422,9 +489,11 @@ def main(argv=None) -> int:
         return 0
     from transformers import AutoTokenizer
 
-    from zen_woq_pass.models import quality, smollm2
+    from zen_woq_pass.models import quality
+    from zen_woq_pass.models.measure import read_bandwidth_gbs
 
     info = machine(args.threads)
+    info["model"] = args.model
     engines = [e for e in ENGINES if "gptq" not in e or args.gptq]
     if args.only:
         engines = args.only.split(",")
@@ -438,15 +507,17 @@ def main(argv=None) -> int:
         engines.remove("zen_woq-zentorch")
         print(f"# zen_woq zentorch row skipped: {info['zentorch']}", file=sys.stderr)
     variants = {"dense"} | {ENGINES[e][1] for e in engines if ENGINES[e][2] != "llama"}  # dense: the tokenizer
-    checkpoints = {v: str(smollm2.checkpoint(v)) for v in sorted(variants)}
-    ppl_tokens = 2048 if args.quick else 4096
+    checkpoints, ggufs = model_files(args.model, variants, {ENGINES[e][1] for e in engines if ENGINES[e][2] == "llama"})
+    ppl_tokens = 4096 if args.model == "smollm2" else 1024  # a real size's logits: 0.5 GB per 1024 tokens
+    ppl_tokens = min(ppl_tokens, 2048) if args.quick else ppl_tokens
     ids = AutoTokenizer.from_pretrained(checkpoints["dense"])(quality.evaluation_text()).input_ids[:ppl_tokens]
     setup = {
+        "model": args.model,
         "threads": args.threads,
         "new_tokens": 8 if args.quick else 64,
         "ppl_tokens": ppl_tokens,
         "long_prompt": not args.quick,
-        "gguf": str(smollm2.gguf_path()),
+        "ggufs": ggufs,
         "checkpoints": checkpoints,
         "ids": ids,
     }
@@ -456,7 +527,8 @@ def main(argv=None) -> int:
         (work / "setup.json").write_text(json.dumps(setup))
         for engine in engines:
             print(f"# {engine}: {ENGINES[engine][0]}", file=sys.stderr, flush=True)
-            rows.append(spawn(engine, work, args))
+            gbs = read_bandwidth_gbs()  # this row's minute: a shared host's bandwidth moves
+            rows.append(spawn(engine, work, args) | {"read GB/s": gbs, "step GB": step_bytes(engine, checkpoints, ggufs) / 1e9})
             print(f"# {engine}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "setup": {k: v for k, v in setup.items() if k != "ids"}, "rows": rows}, indent=1))

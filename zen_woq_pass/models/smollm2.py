@@ -18,11 +18,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from zen_woq_pass import cache
@@ -66,27 +62,7 @@ def checkpoint(variant: str = "w4a16-rtn", cache_dir: str | Path | None = None) 
     if variant not in VARIANTS:
         raise ValueError(f"unknown SmolLM2 variant {variant!r}; one of {', '.join(VARIANTS)}")
     root = cache.root(cache_dir)
-    final = root / f"smollm2-135m-instruct-{variant}-v{FORMAT_VERSION}"
-    if final.is_dir():  # renamed into place only when complete
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with cache.locked(root / f".{final.name}.lock"):
-        if final.is_dir():  # another process made it while we waited
-            return final
-        for stale in root.glob(f".{final.name}.tmp-*"):  # left by a process that died holding this lock
-            log.info("removing the unfinished %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        start = time.perf_counter()
-        try:
-            _make(variant, partial, root)
-            os.chmod(partial, 0o755)  # mkdtemp made it private; a shared $ZEN_WOQ_CACHE is read by others
-            os.rename(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        log.info("made %s in %.1f s: %s", variant, time.perf_counter() - start, final)
-    return final
+    return cache.made_once(root / f"smollm2-135m-instruct-{variant}-v{FORMAT_VERSION}", lambda out: _make(variant, out, root))
 
 
 def _make(variant: str, out: Path, root: Path) -> None:
@@ -95,22 +71,31 @@ def _make(variant: str, out: Path, root: Path) -> None:
     else:
         algorithm_and_symmetric = VARIANTS[variant]
         assert algorithm_and_symmetric is not None  # only "dense" has None
-        _quantize(checkpoint("dense", root), out, *algorithm_and_symmetric)
+        quantize(checkpoint("dense", root), out, *algorithm_and_symmetric)
+
+
+def gguf_tokenizer():
+    """SmolLM2's tokenizer, read from the GGUF (seconds), its end of turn and chat template set."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.eos_token = tokenizer.pad_token = END_OF_TURN
+    tokenizer.clean_up_tokenization_spaces = False  # the conversion sets True, which transformers ignores for BPE, warning
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML
+    return tokenizer
 
 
 def _convert_gguf(out: Path) -> None:
     """Dequantize the GGUF into a plain ``LlamaForCausalLM`` (transformers refuses to save a
     GGUF-loaded model) and fix the tokenizer's end of turn."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
     path = gguf_path()
     log.info("converting %s to dense bf16 (about a minute)", path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.eos_token = tokenizer.pad_token = END_OF_TURN
-    tokenizer.clean_up_tokenization_spaces = False  # the conversion sets True, which transformers ignores for BPE, warning
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML
+    tokenizer = gguf_tokenizer()
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
     config = copy.deepcopy(loaded.config)
@@ -133,15 +118,16 @@ def calibration_texts(tokenizer, samples: int = CALIBRATION_SAMPLES, tokens: int
     return [tokenizer.decode(ids[i : i + tokens]) for i in range(0, len(ids) - tokens + 1, step)][:samples]
 
 
-def _quantize(dense: Path, out: Path, algorithm: str, symmetric: bool) -> None:
-    """llmcompressor's ``oneshot`` on the dense checkpoint: W4A16, group 64, lm_head left dense."""
+def quantize(dense: Path, out: Path, algorithm: str, symmetric: bool, group_size: int = GROUP_SIZE) -> None:
+    """llmcompressor's ``oneshot`` on a dense checkpoint: W4A16 in groups of ``group_size``, lm_head
+    left dense (GPTQ calibrates on ``calibration_texts``)."""
     _import_llmcompressor_logging_to_stderr()
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(dense)
-    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": GROUP_SIZE}
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group_size}
     modifier = {"rtn": QuantizationModifier, "gptq": GPTQModifier}[algorithm]
     recipe = modifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
     calibration = {}
@@ -156,7 +142,7 @@ def _quantize(dense: Path, out: Path, algorithm: str, symmetric: bool) -> None:
             "max_seq_length": CALIBRATION_TOKENS,
         }
     kind = "symmetric" if symmetric else "zero points"
-    log.info("quantizing %s: %s, %s, group %d", dense.name, algorithm, kind, GROUP_SIZE)
+    log.info("quantizing %s: %s, %s, group %d", dense.name, algorithm, kind, group_size)
     oneshot(model=str(dense), recipe=recipe, output_dir=str(out), **calibration)
     tokenizer.save_pretrained(out)
 
