@@ -313,17 +313,19 @@ def trace_layers_once(model: torch.nn.Module) -> int:
     refused: dict[str, int] = {}  # reason -> layers
     reprs: dict[int, str] = {}
     for layer in decoder_layers(model):
+        key = None  # a region layer's structure is taken again: its modules may have changed since
         if not isinstance(layer, RegionForward):
             reason = why_not_shared(layer) if _returns_a_tensor(type(layer)) else "its forward returns more than a tensor"
             if reason:
                 refused[reason] = refused.get(reason, 0) + 1
                 continue
-            if structure(layer, reprs) is None:
+            key = structure(layer, reprs)
+            if key is None:
                 continue
             layer.zen_woq_layer_idx = _layer_index(layer)  # type: ignore[assignment]  # nn.Module's __setattr__ is typed Tensor | Module
             layer.__class__ = _region_class(type(layer))  # type: ignore[arg-type]  # mypy: a class is not Hashable
             _region_layers.add(layer)
-        key = _take_structure(cast(RegionForward, layer), reprs)
+        key = _take_structure(cast(RegionForward, layer), reprs, key)
         keys[key] = keys.get(key, 0) + 1
     for reason, count in refused.items():
         if reason not in _logged:
@@ -335,10 +337,10 @@ def trace_layers_once(model: torch.nn.Module) -> int:
 _logged: set[str] = set()  # the reasons :func:`trace_layers_once` logged (once per process)
 
 
-def _take_structure(layer: RegionForward, reprs: dict[int, str]) -> int:
-    """Store the layer's :func:`structure` as its region's reuse hash (its own identity where it
-    has hooks: it shares no trace) and return it."""
-    key = structure(cast(torch.nn.Module, layer), reprs)
+def _take_structure(layer: RegionForward, reprs: dict[int, str], key: int | None = None) -> int:
+    """Store the layer's :func:`structure` (``key`` where the caller just took it) as its region's
+    reuse hash (its own identity where it has hooks: it shares no trace) and return it."""
+    key = structure(cast(torch.nn.Module, layer), reprs) if key is None else key
     layer.zen_woq_structure = hash(("own", id(layer))) if key is None else key
     return layer.zen_woq_structure
 
